@@ -258,3 +258,790 @@ def sample_photo() -> Tensor:
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
         rgb = Image.open(f).convert("RGB")
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
+
+
+# =============================================================================================
+# 03 rpn: boxes, anchors, box coding, matching, sampling, NMS, the Region Proposal Network
+# =============================================================================================
+"""Section 03. The Region Proposal Network (Ren et al., 2015, Sec. 3.1) slides a small head
+over every pyramid level and, at each location, scores A anchors for "object or not" and
+regresses a box from each.
+
+    anchors         (sum_l H_l*W_l*A, 4)  one set per image, level-major, location, anchor
+    objectness      (N, sum_l H_l*W_l*A)  logits
+    pred_deltas     (N, sum_l H_l*W_l*A, 4)  (dx, dy, dw, dh), Eq. 2
+    proposals       list of N tensors (R_i, 4), at most post_nms_top_n each
+
+Every op here (box_iou, nms, batched_nms) is written from scratch with the arithmetic of
+torchvision.ops, so results agree to the last bit where the order of operations agrees.
+"""
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """(N, 4) -> (N,)"""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Intersection over union of every pair: (N, 4) x (M, 4) -> (N, M)."""
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])      # (N, M, 2)
+    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])  # (N, M, 2)
+    wh = (bottom_right - top_left).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1[:, None] + area2[None, :] - inter)
+
+
+def clip_boxes_to_image(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Clamp x to [0, W] and y to [0, H]; boxes (..., 4), image_size (H, W)."""
+    height, width = image_size
+    x = boxes[..., 0::2].clamp(min=0, max=width)
+    y = boxes[..., 1::2].clamp(min=0, max=height)
+    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
+
+
+def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
+    """Indices of the boxes whose width and height are both >= min_size."""
+    ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return torch.where((ws >= min_size) & (hs >= min_size))[0]
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression: visit boxes from the highest score down and keep a box
+    unless a box already kept overlaps it with IoU > iou_threshold. Returns the kept indices,
+    by decreasing score (ties: lower index first), as torchvision.ops.nms does.
+
+    Greedy NMS is sequential, but it need not be a Python loop over boxes. With the boxes in
+    score order and S[i, j] = "i would suppress j" (i < j, IoU > threshold), the kept set is
+    the one fixed point of  keep[j] = not any_i(keep[i] and S[i, j]).  Iterating that
+    equation from "keep everything" settles box j one step after every box before it that
+    can suppress it, so it ends after as many steps as the longest such chain (a handful in
+    practice), each step one vectorised pass over S.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True)[1]
+    sorted_boxes = boxes[order]
+    suppresses = torch.triu(box_iou(sorted_boxes, sorted_boxes) > iou_threshold, diagonal=1)
+    # Only boxes that someone could suppress are in question; the rest are kept at once.
+    cols = torch.where(suppresses.any(0))[0]
+    keep = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
+    if len(cols):
+        rows = torch.where(suppresses.any(1))[0]
+        sub = suppresses[rows][:, cols].to(torch.float32)  # (num_rows, num_cols), 0/1
+        while True:
+            suppressed = (keep[rows].to(torch.float32) @ sub) > 0
+            new_keep = keep.clone()
+            new_keep[cols] = ~suppressed
+            if torch.equal(new_keep, keep):
+                break
+            keep = new_keep
+    return order[keep]
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each category of `idxs` independently (categories never suppress each other).
+
+    Shifting every category's boxes to its own region of the plane, by an offset larger than
+    any coordinate, makes boxes of different categories disjoint, so one NMS does all of them.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    offsets = idxs.to(boxes) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+class AnchorGenerator(nn.Module):
+    """Anchors for every location of every pyramid level (Ren et al., 2015, Sec. 3.1.1).
+
+    Level l has one size (32, 64, 128, 256, 512 for P2..P6) and three aspect ratios h/w of
+    0.5, 1 and 2, all of area size^2; a cell anchor is centred on 0 and rounded to whole
+    pixels, then shifted to every location (x * stride, y * stride).
+    """
+
+    def __init__(self, sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0)):
+        super().__init__()
+        self.sizes, self.aspect_ratios = tuple(sizes), tuple(aspect_ratios)
+        self.cell_anchors = [self.cell_anchor(s, aspect_ratios) for s in sizes]  # (A, 4) each
+
+    @staticmethod
+    def cell_anchor(size: float, aspect_ratios) -> Tensor:
+        """(A, 4) anchors of one size centred on (0, 0): w = size / sqrt(r), h = size * sqrt(r)."""
+        ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
+        h_ratios = torch.sqrt(ratios)
+        w_ratios = 1 / h_ratios
+        ws, hs = w_ratios * size, h_ratios * size
+        return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+
+    @property
+    def num_anchors_per_location(self) -> int:
+        return len(self.aspect_ratios)
+
+    def grid_anchors(self, grid_size: tuple[int, int], stride: tuple[int, int], cell: Tensor) -> Tensor:
+        """(H*W*A, 4) anchors of one level, location-major then anchor: the order the head's
+        outputs are flattened in."""
+        (grid_h, grid_w), (stride_h, stride_w) = grid_size, stride
+        shifts_x = torch.arange(grid_w, dtype=torch.int32, device=cell.device) * stride_w
+        shifts_y = torch.arange(grid_h, dtype=torch.int32, device=cell.device) * stride_h
+        shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+        shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=-1).reshape(-1, 1, 4)
+        return (shifts + cell.reshape(1, -1, 4)).reshape(-1, 4)  # (H*W, 1, 4) + (1, A, 4)
+
+    def forward(self, batch_shape: tuple[int, int], features) -> Tensor:
+        """batch_shape: the padded batch's (H, W); features: P2..P6. Returns (sum H*W*A, 4).
+        The stride is the padded size divided by the grid size, rounded down (64 for P6 only
+        when the size divides by 64): the convention torchvision's weights were trained with."""
+        anchors = []
+        for feature, cell in zip(features, self.cell_anchors):
+            grid = feature.shape[-2:]
+            stride = (batch_shape[0] // grid[0], batch_shape[1] // grid[1])
+            anchors.append(self.grid_anchors(grid, stride, cell.to(feature.device, feature.dtype)))
+        return torch.cat(anchors)
+
+
+class BoxCoder:
+    """Box regression parameterisation (Ren et al., 2015, Eq. 2; Girshick et al., 2014, App. C):
+
+        dx = wx (x - x_a) / w_a    dy = wy (y - y_a) / h_a    dw = ww log(w / w_a)    dh = wh log(h / h_a)
+
+    with (x, y) box centres. The weights (1, 1, 1, 1) for the RPN and (10, 10, 5, 5) for the
+    box head scale the targets to unit-ish variance. decode clamps dw, dh at log(1000/16), so
+    that one wild prediction cannot overflow exp().
+    """
+
+    def __init__(self, weights=(1.0, 1.0, 1.0, 1.0), clamp: float = math.log(1000.0 / 16)):
+        self.weights, self.clamp = weights, clamp
+
+    def encode(self, gt_boxes: Tensor, ref_boxes: Tensor) -> Tensor:
+        """Deltas that take ref_boxes (R, 4) to gt_boxes (R, 4): (R, 4)."""
+        wx, wy, ww, wh = self.weights
+        ref_w, ref_h = ref_boxes[:, 2] - ref_boxes[:, 0], ref_boxes[:, 3] - ref_boxes[:, 1]
+        ref_x, ref_y = ref_boxes[:, 0] + 0.5 * ref_w, ref_boxes[:, 1] + 0.5 * ref_h
+        gt_w, gt_h = gt_boxes[:, 2] - gt_boxes[:, 0], gt_boxes[:, 3] - gt_boxes[:, 1]
+        gt_x, gt_y = gt_boxes[:, 0] + 0.5 * gt_w, gt_boxes[:, 1] + 0.5 * gt_h
+        return torch.stack((wx * (gt_x - ref_x) / ref_w, wy * (gt_y - ref_y) / ref_h,
+                            ww * torch.log(gt_w / ref_w), wh * torch.log(gt_h / ref_h)), dim=1)
+
+    def decode(self, deltas: Tensor, ref_boxes: Tensor) -> Tensor:
+        """Apply deltas (R, 4*J) to ref_boxes (R, 4): boxes (R, J, 4), J = 1 (RPN) or K (box head)."""
+        ref_boxes = ref_boxes.to(deltas.dtype)
+        wx, wy, ww, wh = self.weights
+        widths, heights = ref_boxes[:, 2] - ref_boxes[:, 0], ref_boxes[:, 3] - ref_boxes[:, 1]
+        ctr_x, ctr_y = ref_boxes[:, 0] + 0.5 * widths, ref_boxes[:, 1] + 0.5 * heights
+        dx, dy = deltas[:, 0::4] / wx, deltas[:, 1::4] / wy              # (R, J)
+        dw = (deltas[:, 2::4] / ww).clamp(max=self.clamp)
+        dh = (deltas[:, 3::4] / wh).clamp(max=self.clamp)
+        pred_x, pred_y = dx * widths[:, None] + ctr_x[:, None], dy * heights[:, None] + ctr_y[:, None]
+        # 0.5 * (w * exp(dw)), in this order, as torchvision rounds it
+        half_w, half_h = 0.5 * (torch.exp(dw) * widths[:, None]), 0.5 * (torch.exp(dh) * heights[:, None])
+        return torch.stack((pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h), dim=2)
+
+
+class Matcher:
+    """Assign each prediction (anchor or proposal) to its best ground-truth box by IoU:
+
+        IoU >= high            -> that GT's index (foreground)
+        low <= IoU < high      -> BETWEEN (-2, ignored in the loss)
+        IoU < low              -> BELOW (-1, background)
+
+    With allow_low_quality_matches, each GT also claims the predictions that overlap it most
+    (ties included), even below `high`, so that no GT is left without a positive
+    (Ren et al., 2015, Sec. 3.1.2, condition (i)).
+    """
+
+    BELOW, BETWEEN = -1, -2
+
+    def __init__(self, high: float, low: float, *, allow_low_quality_matches: bool):
+        self.high, self.low, self.allow_low_quality_matches = high, low, allow_low_quality_matches
+
+    def __call__(self, iou: Tensor) -> Tensor:
+        """iou (G, P) -> matched GT index or BELOW / BETWEEN for each prediction, (P,) int64."""
+        best_iou, matches = iou.max(dim=0)
+        best_gt_for_pred = matches.clone()
+        matches[best_iou < self.low] = self.BELOW
+        matches[(best_iou >= self.low) & (best_iou < self.high)] = self.BETWEEN
+        if self.allow_low_quality_matches:
+            best_iou_for_gt = iou.max(dim=1).values                      # (G,)
+            preds = torch.where(iou == best_iou_for_gt[:, None])[1]
+            matches[preds] = best_gt_for_pred[preds]
+        return matches
+
+
+class BalancedSampler:
+    """Sample `batch_size_per_image` labels per image, at most `positive_fraction` of them
+    positive (label >= 1), the rest negative (label 0); -1 is never sampled. Without this,
+    the ~100k negative anchors of an image would drown its dozen positives."""
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float):
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+
+    def __call__(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """labels: per image (P_i,) -> (positive indices, negative indices) per image."""
+        pos_idx, neg_idx = [], []
+        for labels_i in labels:
+            positive = torch.where(labels_i >= 1)[0]
+            negative = torch.where(labels_i == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            # randperm in this order (positives, then negatives, image by image) draws the same
+            # samples as torchvision's sampler under the same seed: the parity tests rely on it.
+            pos_perm = torch.randperm(positive.numel(), device=positive.device)[:num_pos]
+            neg_perm = torch.randperm(negative.numel(), device=negative.device)[:num_neg]
+            # sorted, so the losses sum their terms in a fixed (index) order
+            pos_idx.append(positive[pos_perm].sort().values)
+            neg_idx.append(negative[neg_perm].sort().values)
+        return pos_idx, neg_idx
+
+
+class RPNHead(nn.Module):
+    """A 3x3 conv (+ReLU) shared by all levels, then two 1x1 convs: A objectness logits and
+    4A box deltas per location.  (N, C, H, W) -> (N, A, H, W), (N, 4A, H, W) per level."""
+
+    def __init__(self, in_channels: int, num_anchors: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
+        for layer in (self.conv, self.cls_logits, self.bbox_pred):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features) -> tuple[list[Tensor], list[Tensor]]:
+        logits, deltas = [], []
+        for feature in features:
+            t = F.relu(self.conv(feature))
+            logits.append(self.cls_logits(t))
+            deltas.append(self.bbox_pred(t))
+        return logits, deltas
+
+
+def flatten_head_outputs(logits: list[Tensor], deltas: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-level head maps -> one row per anchor, in the anchors' order:
+    (N, A, H, W) -> (N, H*W*A);  (N, A*4, H, W) -> (N, H*W*A, 4); levels concatenated."""
+    flat_logits, flat_deltas = [], []
+    for lg, dl in zip(logits, deltas):
+        n, a, h, w = lg.shape
+        flat_logits.append(lg.permute(0, 2, 3, 1).reshape(n, h * w * a))
+        # (N, A*4, H, W) -> (N, A, 4, H, W) -> (N, H, W, A, 4) -> (N, H*W*A, 4)
+        flat_deltas.append(dl.reshape(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * a, 4))
+    return torch.cat(flat_logits, dim=1), torch.cat(flat_deltas, dim=1)
+
+
+class RegionProposalNetwork(nn.Module):
+    """Anchors + head + proposal selection (+ the RPN loss when training).
+
+    Settings are plain numbers, all keyword-only; their defaults live in FasterRCNN.
+    """
+
+    def __init__(self, anchor_generator: AnchorGenerator, head: RPNHead, *, fg_iou_thresh: float,
+                 bg_iou_thresh: float, batch_size_per_image: int, positive_fraction: float,
+                 pre_nms_top_n_train: int, pre_nms_top_n_test: int, post_nms_top_n_train: int,
+                 post_nms_top_n_test: int, nms_thresh: float, score_thresh: float = 0.0,
+                 min_size: float = 1e-3):
+        super().__init__()
+        self.anchor_generator, self.head = anchor_generator, head
+        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
+        self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+        self.pre_nms_top_n = {True: pre_nms_top_n_train, False: pre_nms_top_n_test}
+        self.post_nms_top_n = {True: post_nms_top_n_train, False: post_nms_top_n_test}
+        self.nms_thresh, self.score_thresh, self.min_size = nms_thresh, score_thresh, min_size
+
+    def forward(self, batch_shape, image_sizes, features, targets=None):
+        """features P2..P6 -> (proposals: list of (R_i, 4), losses: dict, extras for plots)."""
+        logits, deltas = self.head(features)
+        anchors = self.anchor_generator(batch_shape, features)       # (P, 4), same for all images
+        num_per_level = [lg[0].numel() for lg in logits]             # H_l * W_l * A
+        objectness, pred_deltas = flatten_head_outputs(logits, deltas)  # (N, P), (N, P, 4)
+        num_images = objectness.shape[0]
+        # Proposals are inputs to the box head, not something to back-propagate through
+        # (Ren et al., 2015, Sec. 3.2, approximate joint training): decode detached deltas.
+        proposals = self.box_coder.decode(pred_deltas.detach().reshape(-1, 4),
+                                          anchors.repeat(num_images, 1)).reshape(num_images, -1, 4)
+        boxes, scores = self.select_proposals(proposals, objectness.detach(), image_sizes, num_per_level)
+        losses = {}
+        if self.training:
+            losses = self.loss(anchors, objectness, pred_deltas, targets)
+        return boxes, scores, losses
+
+    def select_proposals(self, proposals: Tensor, objectness: Tensor, image_sizes, num_per_level):
+        """(N, P, 4), (N, P) -> per image: top-k per level, sigmoid, clip, drop tiny boxes,
+        NMS within each level, keep the best post_nms_top_n."""
+        device = proposals.device
+        top_idx, levels = [], []
+        for level, (start, logits) in enumerate(zip(
+                torch.tensor([0] + num_per_level[:-1]).cumsum(0).tolist(),
+                objectness.split(num_per_level, dim=1))):
+            k = min(self.pre_nms_top_n[self.training], logits.shape[1])
+            top_idx.append(logits.topk(k, dim=1).indices + start)   # (N, k)
+            levels.append(torch.full((k,), level, dtype=torch.int64, device=device))
+        top_idx, levels = torch.cat(top_idx, dim=1), torch.cat(levels)
+        batch_idx = torch.arange(proposals.shape[0], device=device)[:, None]
+        proposals, scores = proposals[batch_idx, top_idx], objectness[batch_idx, top_idx].sigmoid()
+        out_boxes, out_scores = [], []
+        for boxes, scores_i, size in zip(proposals, scores, image_sizes):
+            boxes = clip_boxes_to_image(boxes, size)
+            keep = remove_small_boxes(boxes, self.min_size)
+            keep = keep[scores_i[keep] >= self.score_thresh]
+            boxes, scores_i, lvl = boxes[keep], scores_i[keep], levels[keep]
+            keep = batched_nms(boxes, scores_i, lvl, self.nms_thresh)[: self.post_nms_top_n[self.training]]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores_i[keep])
+        return out_boxes, out_scores
+
+    def loss(self, anchors: Tensor, objectness: Tensor, pred_deltas: Tensor, targets) -> dict:
+        """Binary cross-entropy on sampled anchors + smooth-L1 (beta 1/9) on the positives,
+        both averaged over the sampled anchors (Ren et al., 2015, Eq. 1)."""
+        labels, gt_deltas = [], []
+        for target in targets:
+            gt_boxes = target["boxes"]
+            if gt_boxes.numel() == 0:  # an empty image: every anchor is a negative
+                labels.append(torch.zeros(len(anchors), device=anchors.device))
+                gt_deltas.append(torch.zeros_like(anchors))
+                continue
+            matches = self.matcher(box_iou(gt_boxes, anchors))
+            labels_i = (matches >= 0).to(torch.float32)
+            labels_i[matches == Matcher.BETWEEN] = -1.0
+            labels.append(labels_i)
+            gt_deltas.append(self.box_coder.encode(gt_boxes[matches.clamp(min=0)], anchors))
+        pos, neg = self.sampler(labels)
+        num_anchors = len(anchors)
+        # per-image indices -> indices into the (N*P,) flattened batch
+        pos = torch.cat([p + i * num_anchors for i, p in enumerate(pos)])
+        neg = torch.cat([n + i * num_anchors for i, n in enumerate(neg)])
+        sampled = torch.cat([pos, neg])
+        labels, gt_deltas = torch.cat(labels), torch.cat(gt_deltas)
+        box_loss = F.smooth_l1_loss(pred_deltas.reshape(-1, 4)[pos], gt_deltas[pos], beta=1 / 9,
+                                    reduction="sum") / sampled.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.reshape(-1)[sampled], labels[sampled])
+        return {"rpn_objectness": objectness_loss, "rpn_box": box_loss}
+
+
+# =============================================================================================
+# 04 roi heads: RoIAlign, level mapping, box head, predictor, RoI sampling and loss, FasterRCNN
+# =============================================================================================
+"""Section 04. The second stage (Girshick, 2015; Ren et al., 2015, Sec. 3.2) crops a fixed
+7x7 grid of features for each proposal with RoIAlign (He et al., 2017, Sec. 3), from the
+pyramid level that suits its size (Lin et al., 2017, Eq. 1), and classifies and refines it.
+
+    rois           (R, 5)  (image index, x1, y1, x2, y2)
+    roi_features   (R, C, 7, 7) -> box head -> (R, 1024)
+    class_logits   (R, K)        box_deltas (R, K*4), one box per class
+    detections     per image: boxes (D, 4), scores (D,), labels (D,), D <= 100
+"""
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
+    """Per-image boxes [(R_i, 4)] -> (sum R_i, 5) rows of (image index, x1, y1, x2, y2)."""
+    idx = torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
+    return torch.cat([idx, torch.cat(boxes)], dim=1)
+
+
+def _bilinear_taps(coord: Tensor, size: int):
+    """For sample coordinates along one axis (pixel i sits at coordinate i), the two pixels
+    each sample reads and their weights, with RoIAlign's border rules: a sample more than
+    one pixel outside the map reads 0; one within a pixel of the border reads the border."""
+    valid = (coord >= -1.0) & (coord <= size)
+    coord = coord.clamp(min=0)
+    low = coord.to(torch.int64)                        # floor, coord >= 0
+    at_end = low >= size - 1
+    low = torch.where(at_end, torch.full_like(low, size - 1), low)
+    high = torch.where(at_end, low, low + 1)
+    coord = torch.where(at_end, low.to(coord.dtype), coord)
+    frac = coord - low
+    return low, high, (1 - frac) * valid, frac * valid  # weights are 0 for invalid samples
+
+
+def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
+              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """RoIAlign (He et al., 2017, Sec. 3), with torchvision.ops.roi_align's semantics.
+
+    input (N, C, H, W); boxes (R, 5) rows (image index, x1, y1, x2, y2) or a list of (R_i, 4)
+    per image, in input-image pixels; spatial_scale maps them to this map (1/stride).
+    Each of the output_size bins averages sampling_ratio x sampling_ratio bilinear samples at
+    the centres of a regular sub-grid (adaptive, ceil(bin size) per side, when <= 0).
+    aligned=True shifts boxes by half a pixel so that a box's corner sits on a pixel's
+    corner, not its centre; aligned=False (the Faster R-CNN default) also makes every RoI at
+    least 1x1. Returns (R, C, out_h, out_w).
+
+    Bilinear interpolation is separable, so each RoI's sample rows and columns are computed
+    once; the 4 taps of every sample are then gathered from a channels-last view of the map,
+    where each tap reads C contiguous numbers.
+    """
+    rois = boxes_to_rois(boxes) if isinstance(boxes, (list, tuple)) else boxes
+    out_h, out_w = _pair(output_size)
+    num_rois, (n, c, height, width) = rois.shape[0], input.shape
+    if num_rois == 0:
+        return input.new_zeros((0, c, out_h, out_w))
+    rois = rois.to(input.dtype)
+    offset = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    roi_w, roi_h = rois[:, 3] * spatial_scale - offset - x1, rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / out_w, roi_h / out_h
+    if sampling_ratio > 0:
+        grid_h = grid_w = torch.full((num_rois,), sampling_ratio, dtype=torch.int64, device=rois.device)
+    else:
+        grid_h = torch.ceil(roi_h / out_h).to(torch.int64).clamp(min=0)
+        grid_w = torch.ceil(roi_w / out_w).to(torch.int64).clamp(min=0)
+
+    flat = input.permute(0, 2, 3, 1).reshape(n * height * width, c)  # (N*H*W, C), a view if channels_last
+    output = input.new_zeros((num_rois, out_h, out_w, c))
+    # RoIs that share a sample grid are done together: one group when sampling_ratio > 0.
+    grids = torch.stack([grid_h, grid_w], dim=1)
+    for gh, gw in torch.unique(grids, dim=0).tolist():
+        if gh == 0 or gw == 0:
+            continue  # an empty RoI (aligned=True, zero size) averages nothing: 0
+        members = torch.where((grids[:, 0] == gh) & (grids[:, 1] == gw))[0]
+        # at most ~16M gathered numbers at a time keeps memory flat for thousands of RoIs
+        chunk = max(1, (1 << 24) // (out_h * gh * out_w * gw * c))
+        for idx in members.split(chunk):
+            # sample coordinates (R, out*g): bin start + (i + 0.5) * bin / g, as torchvision orders it
+            iy = torch.arange(out_h * gh, device=rois.device)
+            ix = torch.arange(out_w * gw, device=rois.device)
+            ys = (y1[idx, None] + (iy // gh) * bin_h[idx, None]) + ((iy % gh) + 0.5).to(input.dtype) * bin_h[idx, None] / gh
+            xs = (x1[idx, None] + (ix // gw) * bin_w[idx, None]) + ((ix % gw) + 0.5).to(input.dtype) * bin_w[idx, None] / gw
+            y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(ys, height)   # (r, SY)
+            x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(xs, width)    # (r, SX)
+            base = rois[idx, 0].to(torch.int64)[:, None, None] * (height * width)
+            rows_lo, rows_hi = base + (y_lo * width)[:, :, None], base + (y_hi * width)[:, :, None]
+            val = (flat[rows_lo + x_lo[:, None, :]] * (wy_lo[:, :, None] * wx_lo[:, None, :])[..., None]
+                   + flat[rows_lo + x_hi[:, None, :]] * (wy_lo[:, :, None] * wx_hi[:, None, :])[..., None]
+                   + flat[rows_hi + x_lo[:, None, :]] * (wy_hi[:, :, None] * wx_lo[:, None, :])[..., None]
+                   + flat[rows_hi + x_hi[:, None, :]] * (wy_hi[:, :, None] * wx_hi[:, None, :])[..., None])
+            # (r, out_h*gh, out_w*gw, C) -> (r, out_h, gh, out_w, gw, C) -> mean over each bin's samples
+            val = val.reshape(len(idx), out_h, gh, out_w, gw, c).sum(dim=(2, 4)) / (gh * gw)
+            output = output.index_copy(0, idx, val)
+    return output.permute(0, 3, 1, 2)  # (R, out_h, out_w, C) -> (R, C, out_h, out_w)
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """RoIAlign from the pyramid level that suits each RoI's size (Lin et al., 2017, Eq. 1):
+
+        k = floor(k0 + log2(sqrt(w * h) / 224)),  clamped to the levels at hand
+
+    k0 = 4 and 224 because a 224x224 box is an ImageNet-sized object, which a ResNet sees
+    best at C4's stride (16); each halving of the box moves it one level finer.
+    """
+
+    def __init__(self, *, output_size: int = 7, sampling_ratio: int = 2, canonical_size: int = 224,
+                 canonical_level: int = 4):
+        super().__init__()
+        self.output_size, self.sampling_ratio = output_size, sampling_ratio
+        self.canonical_size, self.canonical_level = canonical_size, canonical_level
+
+    @staticmethod
+    def level_scales(features, image_sizes) -> list[float]:
+        """1/stride of each level, a power of two, from the largest image's size (not the
+        padded one) over the level's size, rounded in log2."""
+        max_h = max(h for h, _ in image_sizes)
+        return [2.0 ** round(math.log2(f.shape[-2] / max_h)) for f in features]
+
+    def map_levels(self, boxes: Tensor, k_min: int, k_max: int) -> Tensor:
+        """(R, 4) -> pyramid level index (R,) in 0..k_max-k_min. The 1e-6 keeps a box of exactly
+        224 px on level 4 despite log2 rounding."""
+        size = torch.sqrt(box_area(boxes))
+        k = torch.floor(self.canonical_level + torch.log2(size / self.canonical_size) + 1e-6)
+        return k.clamp(min=k_min, max=k_max).to(torch.int64) - k_min
+
+    def forward(self, features, proposals: list[Tensor], image_sizes) -> Tensor:
+        """features P2..P5, proposals per image (R_i, 4) -> (sum R_i, C, 7, 7)."""
+        scales = self.level_scales(features, image_sizes)
+        k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
+        rois = boxes_to_rois(proposals)
+        levels = self.map_levels(rois[:, 1:], k_min, k_max)
+        c, (out_h, out_w) = features[0].shape[1], _pair(self.output_size)
+        out = features[0].new_zeros((len(rois), c, out_h, out_w))
+        for level, (feature, scale) in enumerate(zip(features, scales)):
+            idx = torch.where(levels == level)[0]
+            out[idx] = roi_align(feature, rois[idx], (out_h, out_w), spatial_scale=scale,
+                                 sampling_ratio=self.sampling_ratio)
+        return out
+
+
+class TwoMLPHead(nn.Module):
+    """(R, C, 7, 7) -> flatten -> fc6 -> ReLU -> fc7 -> ReLU -> (R, 1024)  (Lin et al., 2017, Sec. 4.2)."""
+
+    def __init__(self, in_features: int, hidden: int = 1024):
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(start_dim=1)))))
+
+
+class FastRCNNPredictor(nn.Module):
+    """(R, 1024) -> class_logits (R, K) and box_deltas (R, K*4): a box for every class."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_features, num_classes)
+        self.bbox_pred = nn.Linear(in_features, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class RoIHeads(nn.Module):
+    """Second stage: RoI sampling and loss when training, detections when not.
+    Settings are plain numbers, all keyword-only; their defaults live in FasterRCNN."""
+
+    def __init__(self, box_roi_pool: MultiScaleRoIAlign, box_head: nn.Module, box_predictor: nn.Module, *,
+                 fg_iou_thresh: float, bg_iou_thresh: float, batch_size_per_image: int,
+                 positive_fraction: float, bbox_reg_weights, score_thresh: float, nms_thresh: float,
+                 detections_per_img: int):
+        super().__init__()
+        self.box_roi_pool, self.box_head, self.box_predictor = box_roi_pool, box_head, box_predictor
+        self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+        self.box_coder = BoxCoder(bbox_reg_weights)
+        self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+
+    def forward(self, features, proposals: list[Tensor], image_sizes, targets=None):
+        if self.training:
+            proposals, labels, gt_deltas = self.sample_rois(proposals, targets)
+        roi_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))  # (R, 1024)
+        class_logits, box_deltas = self.box_predictor(roi_features)                    # (R, K), (R, K*4)
+        if self.training:
+            return [], self.loss(class_logits, box_deltas, labels, gt_deltas)
+        return self.postprocess(class_logits, box_deltas, proposals, image_sizes), {}
+
+    def sample_rois(self, proposals: list[Tensor], targets):
+        """Label each proposal by its best GT (IoU >= 0.5 -> that GT's class, else background),
+        sample 512 per image with at most a quarter positive, and encode their box targets."""
+        all_labels, all_matched, joined = [], [], []
+        for props, target in zip(proposals, targets):
+            gt_boxes, gt_labels = target["boxes"].to(props.dtype), target["labels"]
+            # The GT boxes join the proposals: early in training the RPN proposes nothing
+            # useful, and these guarantee every GT a perfect positive RoI.
+            props = torch.cat([props, gt_boxes])
+            if gt_boxes.numel() == 0:
+                labels = torch.zeros(len(props), dtype=torch.int64, device=props.device)
+                matched = torch.zeros_like(props)
+            else:
+                matches = self.matcher(box_iou(gt_boxes, props))
+                labels = gt_labels[matches.clamp(min=0)].to(torch.int64)
+                labels[matches == Matcher.BELOW] = 0
+                labels[matches == Matcher.BETWEEN] = -1
+                matched = gt_boxes[matches.clamp(min=0)]
+            joined.append(props)
+            all_labels.append(labels)
+            all_matched.append(matched)
+        pos, neg = self.sampler(all_labels)
+        rois, labels, matched = [], [], []
+        for props, lab, mat, p, q in zip(joined, all_labels, all_matched, pos, neg):
+            keep = torch.cat([p, q]).sort().values
+            rois.append(props[keep])
+            labels.append(lab[keep])
+            matched.append(mat[keep])
+        gt_deltas = self.box_coder.encode(torch.cat(matched), torch.cat(rois))
+        return rois, torch.cat(labels), gt_deltas
+
+    def loss(self, class_logits: Tensor, box_deltas: Tensor, labels: Tensor, gt_deltas: Tensor) -> dict:
+        """Cross-entropy over K classes + smooth-L1 (beta 1/9) on the true class's box of each
+        positive RoI, normalised by all sampled RoIs (Girshick, 2015, Eq. 1)."""
+        classifier_loss = F.cross_entropy(class_logits, labels)
+        pos = torch.where(labels > 0)[0]
+        box_deltas = box_deltas.reshape(len(box_deltas), -1, 4)     # (R, K*4) -> (R, K, 4)
+        box_loss = F.smooth_l1_loss(box_deltas[pos, labels[pos]], gt_deltas[pos], beta=1 / 9,
+                                    reduction="sum") / labels.numel()
+        return {"roi_classifier": classifier_loss, "roi_box": box_loss}
+
+    def postprocess(self, class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor], image_sizes):
+        """Per image: a box per class per RoI, scored by softmax; drop background, scores <=
+        score_thresh and tiny boxes; NMS within each class; keep the best detections_per_img."""
+        num_classes = class_logits.shape[-1]
+        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals))   # (R, K, 4)
+        scores = F.softmax(class_logits, dim=-1)                            # (R, K)
+        counts = [len(p) for p in proposals]
+        detections = []
+        for boxes_i, scores_i, size in zip(boxes.split(counts), scores.split(counts), image_sizes):
+            boxes_i = clip_boxes_to_image(boxes_i, size)
+            labels_i = torch.arange(num_classes, device=boxes_i.device).expand_as(scores_i)
+            # drop the background column, then one row per (RoI, class): (R*(K-1), ...)
+            boxes_i, scores_i = boxes_i[:, 1:].reshape(-1, 4), scores_i[:, 1:].reshape(-1)
+            labels_i = labels_i[:, 1:].reshape(-1)
+            keep = torch.where(scores_i > self.score_thresh)[0]
+            keep = keep[remove_small_boxes(boxes_i[keep], 1e-2)]
+            boxes_i, scores_i, labels_i = boxes_i[keep], scores_i[keep], labels_i[keep]
+            keep = batched_nms(boxes_i, scores_i, labels_i, self.nms_thresh)[: self.detections_per_img]
+            detections.append({"boxes": boxes_i[keep], "scores": scores_i[keep], "labels": labels_i[keep]})
+        return detections
+
+
+class DetectionTransform(nn.Module):
+    """Images in -> one normalised, resized, zero-padded batch; boxes follow the resize.
+
+    Resize keeps the aspect ratio: the short side becomes min_size unless the long side
+    would pass max_size (then the long side becomes max_size). Padding to a multiple of 32
+    makes every pyramid level's size a whole number of the previous one's halves.
+        images list of (3, H_i, W_i) -> batch (N, 3, H_pad, W_pad), image_sizes [(h_i, w_i)]
+    """
+
+    def __init__(self, *, min_size, max_size: int, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                 size_divisible: int = 32):
+        super().__init__()
+        self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
+        self.max_size, self.size_divisible = max_size, size_divisible
+        self.image_mean, self.image_std = image_mean, image_std
+
+    def forward(self, images: list[Tensor], targets=None):
+        out_images, out_targets = [], None if targets is None else []
+        for i, image in enumerate(images):
+            if image.dim() != 3 or not image.is_floating_point():
+                raise ValueError(f"image {i}: expected a float tensor (3, H, W) in 0..1, "
+                                 f"got {tuple(image.shape)} {image.dtype}")
+            mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
+            std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
+            image = (image - mean[:, None, None]) / std[:, None, None]
+            resized = self.resize(image)
+            out_images.append(resized)
+            if targets is not None:
+                target = dict(targets[i])  # never modify the caller's dict
+                target["boxes"] = resize_boxes(target["boxes"], image.shape[-2:], resized.shape[-2:])
+                out_targets.append(target)
+        image_sizes = [tuple(img.shape[-2:]) for img in out_images]
+        return self.batch(out_images), image_sizes, out_targets
+
+    def resize(self, image: Tensor) -> Tensor:
+        if self.training:  # multi-scale training picks a short side at random per image
+            size = self.min_size[int(torch.empty(1).uniform_(0.0, float(len(self.min_size))).item())]
+        else:
+            size = self.min_size[-1]
+        h, w = image.shape[-2:]
+        scale = min(size / min(h, w), self.max_size / max(h, w))
+        return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                             align_corners=False)[0]
+
+    def batch(self, images: list[Tensor]) -> Tensor:
+        stride = self.size_divisible
+        max_h = int(math.ceil(max(img.shape[-2] for img in images) / stride) * stride)
+        max_w = int(math.ceil(max(img.shape[-1] for img in images) / stride) * stride)
+        batch = images[0].new_zeros((len(images), images[0].shape[0], max_h, max_w))
+        for img, slot in zip(images, batch):
+            slot[:, : img.shape[-2], : img.shape[-1]].copy_(img)
+        return batch
+
+    def postprocess(self, detections: list[dict], image_sizes, original_sizes) -> list[dict]:
+        """Boxes from the resized image back to the input image's pixels."""
+        for det, size, original in zip(detections, image_sizes, original_sizes):
+            det["boxes"] = resize_boxes(det["boxes"], size, original)
+        return detections
+
+
+def resize_boxes(boxes: Tensor, old_size, new_size) -> Tensor:
+    """Scale xyxy boxes from an image of old_size (H, W) to new_size (H, W)."""
+    ratio_h = torch.tensor(new_size[0], dtype=torch.float32, device=boxes.device) / old_size[0]
+    ratio_w = torch.tensor(new_size[1], dtype=torch.float32, device=boxes.device) / old_size[1]
+    x1, y1, x2, y2 = boxes.unbind(1)
+    return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN with a ResNet-FPN backbone (Ren et al., 2015; Lin et al., 2017).
+
+    Every default equals torchvision's fasterrcnn_resnet50_fpn (v1), so its weights load with
+    load_torchvision_state_dict and give the same detections.
+
+        model(images)            eval:  list of {"boxes" (D, 4), "scores" (D,), "labels" (D,)} in input pixels
+        model(images, targets)   train: {"rpn_objectness", "rpn_box", "roi_classifier", "roi_box"}
+    """
+
+    def __init__(self, num_classes: int = 91, *, backbone: BackboneWithFPN | None = None,
+                 # transform: resize so the short side is min_size, the long side at most max_size
+                 min_size=800, max_size: int = 1333, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                 # RPN: one anchor size per level (P2..P6), three aspect ratios
+                 anchor_sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0),
+                 rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
+                 rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
+                 rpn_nms_thresh: float = 0.7, rpn_fg_iou_thresh: float = 0.7, rpn_bg_iou_thresh: float = 0.3,
+                 rpn_batch_size_per_image: int = 256, rpn_positive_fraction: float = 0.5,
+                 rpn_score_thresh: float = 0.0,
+                 # box head: 7x7 RoIAlign, two 1024-d FC layers, per-class boxes
+                 representation_size: int = 1024,
+                 box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
+                 box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
+                 box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
+                 bbox_reg_weights=(10.0, 10.0, 5.0, 5.0)):
+        super().__init__()
+        if backbone is None:
+            backbone = resnet_fpn_backbone()
+            backbone.body.freeze(3)  # as torchvision with pretrained weights: stem and layer1 frozen
+        self.num_classes = num_classes
+        self.transform = DetectionTransform(min_size=min_size, max_size=max_size, image_mean=image_mean,
+                                            image_std=image_std)
+        self.backbone = backbone
+        channels = backbone.out_channels
+        anchors = AnchorGenerator(anchor_sizes, aspect_ratios)
+        self.rpn = RegionProposalNetwork(
+            anchors, RPNHead(channels, anchors.num_anchors_per_location),
+            fg_iou_thresh=rpn_fg_iou_thresh, bg_iou_thresh=rpn_bg_iou_thresh,
+            batch_size_per_image=rpn_batch_size_per_image, positive_fraction=rpn_positive_fraction,
+            pre_nms_top_n_train=rpn_pre_nms_top_n_train, pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+            post_nms_top_n_train=rpn_post_nms_top_n_train, post_nms_top_n_test=rpn_post_nms_top_n_test,
+            nms_thresh=rpn_nms_thresh, score_thresh=rpn_score_thresh)
+        roi_pool = MultiScaleRoIAlign(output_size=7, sampling_ratio=2)
+        self.roi_heads = RoIHeads(
+            roi_pool, TwoMLPHead(channels * 7 * 7, representation_size),
+            FastRCNNPredictor(representation_size, num_classes),
+            fg_iou_thresh=box_fg_iou_thresh, bg_iou_thresh=box_bg_iou_thresh,
+            batch_size_per_image=box_batch_size_per_image, positive_fraction=box_positive_fraction,
+            bbox_reg_weights=bbox_reg_weights, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
+            detections_per_img=box_detections_per_img)
+
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
+        if self.training:
+            check_targets(images, targets)
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        batch, image_sizes, targets = self.transform(images, targets)          # (N, 3, H, W)
+        features = self.backbone(batch)                                         # P2..P6
+        proposals, _, rpn_losses = self.rpn(batch.shape[-2:], image_sizes, features, targets)
+        detections, roi_losses = self.roi_heads(features[:4], proposals, image_sizes, targets)  # P2..P5
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return self.transform.postprocess(detections, image_sizes, original_sizes)
+
+    def load_torchvision_state_dict(self, state_dict: dict) -> "FasterRCNN":
+        """Load torchvision's fasterrcnn_resnet50_fpn weights (strictly: every key used)."""
+        renames = (("backbone.fpn.inner_blocks.", "backbone.fpn.lateral."),
+                   ("backbone.fpn.layer_blocks.", "backbone.fpn.output."),
+                   ("rpn.head.conv.0.0.", "rpn.head.conv."))
+        converted = {}
+        for key, value in state_dict.items():
+            for old, new in renames:
+                if key.startswith(old):
+                    key = new + key[len(old):]
+                    if old.startswith("backbone.fpn"):  # ...blocks.{i}.0.weight -> ...{i}.weight
+                        i, _, rest = key[len(new):].split(".", 2)
+                        key = f"{new}{i}.{rest}"
+            if key.endswith("num_batches_tracked") and not any(
+                    isinstance(m, nn.BatchNorm2d) for m in self.backbone.modules()):
+                continue  # frozen BatchNorm keeps no step counter
+            converted[key] = value
+        self.load_state_dict(converted, strict=True)
+        return self
+
+
+def check_targets(images: list[Tensor], targets) -> None:
+    """Training targets must be present and well formed; a degenerate box would give a NaN
+    loss (log of a zero width), so it is refused here, by image, with a clear message."""
+    if targets is None or len(targets) != len(images):
+        raise ValueError("training needs one target dict per image")
+    for i, target in enumerate(targets):
+        boxes, labels = target.get("boxes"), target.get("labels")
+        if boxes is None or labels is None:
+            raise ValueError(f"target {i}: needs 'boxes' and 'labels'")
+        if not boxes.is_floating_point() or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target {i}: boxes must be a float tensor (G, 4), got {tuple(boxes.shape)} {boxes.dtype}")
+        if labels.dtype != torch.int64:
+            raise ValueError(f"target {i}: labels must be int64, got {labels.dtype}")
+        bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if bad.any():
+            raise ValueError(f"target {i}: boxes with zero or negative size at rows "
+                             f"{torch.where(bad)[0].tolist()}: {boxes[bad].tolist()}")
