@@ -23,14 +23,23 @@ weights (``load_torchvision_state_dict``) and, in the tests and benchmarks, as t
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 import os
 import pathlib
+import time
+import warnings
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch import Tensor, nn
+from tqdm import tqdm
 
 IMG_SIZE = 400  # the side the notebooks use to show shapes; the detector itself resizes (min_size)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -39,6 +48,716 @@ ROOT = pathlib.Path(__file__).resolve().parent
 # ImageNet statistics: every torchvision backbone was trained on images normalised with these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# =============================================================================================
+# 01 data: embedded dataset, COCO / VOC readers, transforms, batching
+# =============================================================================================
+"""Section 01. Everything a detector eats, in one format.
+
+    image   FloatTensor[3, H, W], RGB, values in 0..1 (H, W differ between images)
+    target  {"boxes":    FloatTensor[N, 4]  xyxy, absolute pixels, 0-based, x2/y2 exclusive,
+             "labels":   Int64Tensor[N]     contiguous class labels 1..K (0 is background),
+             "image_id": int,
+             "iscrowd":  BoolTensor[N]      COCO crowd regions and VOC 'difficult' objects:
+                                            kept so that evaluation can ignore them}
+
+A box [x1, y1, x2, y2] covers the pixels with x1 <= col < x2 and y1 <= row < y2, so an object
+that fills a W-pixel-wide image has x1 = 0 and x2 = W, and its width is x2 - x1.
+
+Names:
+    SHAPES_CLASSES, build_shapes_dataset   the embedded dataset, written in COCO format
+    load_image                             any PNG/JPEG mode -> FloatTensor[3, H, W]
+    CocoDetection, VOCDetection            readers; class_names[0] == "__background__"
+    RandomHorizontalFlip, Compose          transforms on (image, target) pairs
+    collate_fn, make_data_loader           batches are lists: images differ in size
+    DatasetError, DatasetWarning           bad input gets a clear answer
+Resizing and padding to a multiple of 32 happen inside the model (FasterRCNN), so that the
+model works on images of any size and reports boxes in the input image's pixels.
+"""
+
+
+class DatasetError(ValueError):
+    """A file the data pipeline cannot use; the message names the file and what is wrong."""
+
+
+class DatasetWarning(UserWarning):
+    """Input the readers repaired (boxes clipped to the image or dropped); one per dataset."""
+
+
+# ---- the embedded "shapes" dataset -----------------------------------------------------------
+
+SHAPES_CLASSES = ("__background__", "circle", "square", "triangle", "star", "hexagon",
+                  "ellipse", "cross")
+
+# Bump _SHAPES_VERSION whenever the drawing code changes, so that old builds are redrawn.
+_SHAPES_VERSION = 1
+_SHAPES_SIDE = (160, 320)        # image width and height are drawn from this range (px)
+_SHAPES_MIN_OBJECT = 8           # smallest object, longer side in px
+_SHAPES_MAX_OBJECTS = 10
+_SHAPES_EMPTY_FRACTION = 0.05    # images with no objects at all: negatives the model must learn
+_SHAPES_MIN_VISIBLE = 0.3        # an object stays at least this visible, or it is not drawn
+
+
+def _shape_outline(name, rng):
+    """Unit outline of one shape: Float[V, 2] (x, y), unrotated bounding box's longer side 1."""
+    if name in ("circle", "ellipse"):
+        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        pts = np.stack([np.cos(t), np.sin(t)], 1)
+    elif name == "square":
+        pts = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=float)
+    elif name == "triangle":
+        t = np.radians([-90, 30, 150])
+        pts = np.stack([np.cos(t), np.sin(t)], 1)
+    elif name == "star":
+        t = np.linspace(-np.pi / 2, 1.5 * np.pi, 10, endpoint=False)
+        r = np.where(np.arange(10) % 2 == 0, 1.0, rng.uniform(0.38, 0.5))
+        pts = np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    elif name == "hexagon":
+        t = np.linspace(0, 2 * np.pi, 6, endpoint=False)
+        pts = np.stack([np.cos(t), np.sin(t)], 1)
+    elif name == "cross":
+        a = rng.uniform(0.3, 0.45)   # arm half-thickness, relative to the half-size 1
+        pts = np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1],
+                        [-a, a], [-1, a], [-1, -a], [-a, -a]])
+    else:
+        raise ValueError(f"unknown shape {name!r}")
+    # Aspect ratio (width / height of the unrotated shape) and rotation, per class: circles and
+    # squares keep their aspect, ellipses never look like circles, the rest stretch a little.
+    aspect = {"circle": 1.0, "square": 1.0, "hexagon": 1.0,
+              "ellipse": math.exp(rng.uniform(math.log(1.7), math.log(3.2))),
+              "triangle": math.exp(rng.uniform(-0.5, 0.5)),
+              "star": math.exp(rng.uniform(-0.25, 0.25)),
+              "cross": math.exp(rng.uniform(-0.5, 0.5))}[name]
+    rotation = {"circle": 0.0, "square": rng.uniform(-30, 30), "triangle": rng.uniform(0, 360),
+                "star": rng.uniform(0, 72), "hexagon": rng.uniform(0, 60),
+                "ellipse": rng.uniform(0, 180), "cross": rng.uniform(-20, 20)}[name]
+    pts = pts * [aspect, 1.0]
+    pts = (pts - (pts.min(0) + pts.max(0)) / 2) / np.ptp(pts, 0).max()
+    c, s = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
+    return pts @ np.array([[c, s], [-s, c]])
+
+
+def _shapes_background(rng, height, width):
+    """One background: Float[H, W, 3] in 0..255 (flat, gradient, stripes, checker or clouds)."""
+    c1 = rng.uniform(0, 255, 3)
+    c2 = np.clip(c1 + rng.normal(0, 60, 3), 0, 255)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    along = xx * math.cos(angle) + yy * math.sin(angle)         # (H, W) distance along a direction
+    kind = rng.integers(5)
+    if kind == 0:                                               # flat
+        t = np.zeros((height, width), np.float32)
+    elif kind == 1:                                             # linear gradient
+        t = (along - along.min()) / max(np.ptp(along), 1.0)
+    elif kind == 2:                                             # stripes, soft or hard
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * along / rng.uniform(6, 40))
+        if rng.random() < 0.5:
+            t = (t > 0.5).astype(np.float32)
+    elif kind == 3:                                             # checkerboard
+        cell = rng.integers(8, 33)
+        t = ((xx // cell + yy // cell) % 2).astype(np.float32)
+    else:                                                       # smooth colour clouds
+        grid = rng.integers(3, 11, size=2)
+        low = np.clip(c1 + rng.normal(0, 50, (grid[0], grid[1], 3)), 0, 255).astype(np.uint8)
+        big = Image.fromarray(low).resize((width, height), Image.BILINEAR)
+        return np.asarray(big, dtype=np.float32)
+    return c1 + t[..., None] * (c2 - c1)                        # (H, W, 1) * (3,) -> (H, W, 3)
+
+
+def _draw_shapes_image(rng, class_names):
+    """Draw one image: (uint8[H, W, 3], [(label, [x, y, w, h]), ...], owner Int32[H, W]).
+
+    owner holds, per pixel, the index of the annotation drawn there (-1: background).
+
+    Shapes are drawn one over another, mostly large ones first. A shape whose position would
+    leave an earlier shape less than _SHAPES_MIN_VISIBLE visible is moved (or left out), so
+    every shape in the image is annotated and every annotation is learnable. Each box is
+    computed from the pixels of the shape that stay visible, so it is tight to the last pixel.
+    """
+    height, width = (int(v) for v in rng.integers(_SHAPES_SIDE[0], _SHAPES_SIDE[1] + 1, 2))
+    image = _shapes_background(rng, height, width)
+    owner = np.full((height, width), -1, np.int32)              # (H, W) which object owns a pixel
+    empty = rng.random() < _SHAPES_EMPTY_FRACTION
+    num_objects = 0 if empty else int(rng.integers(1, _SHAPES_MAX_OBJECTS + 1))
+    # Sizes are log-uniform (as many objects of 8..16 px as of 64..128 px): each pyramid level
+    # gets its share.
+    max_size = 0.95 * min(height, width)
+    sizes = np.exp(rng.uniform(math.log(_SHAPES_MIN_OBJECT), math.log(max_size), num_objects))
+    sizes = sizes[np.argsort(-sizes * rng.uniform(0.5, 1.5, num_objects))]
+    objects = []                    # [label, crop (x0, y0, x1, y1), pixels drawn, pixels visible]
+    for size in sizes:
+        label = int(rng.integers(1, len(class_names)))
+        outline = _shape_outline(class_names[label], rng) * size
+        extent = np.ptp(outline, 0)                             # rotation can grow the box
+        outline *= min(1.0, 0.98 * min(width / extent[0], height / extent[1]))
+        placed = False
+        for _ in range(10):                                     # a few tries to place it
+            offset = rng.uniform(-outline.min(0), [width, height] - outline.max(0))
+            pts = outline + offset
+            x0, y0 = (int(v) for v in np.floor(pts.min(0)))
+            x1, y1 = (min(int(v) + 1, lim) for v, lim in zip(np.ceil(pts.max(0)), (width, height)))
+            canvas = Image.new("L", (x1 - x0, y1 - y0))
+            ImageDraw.Draw(canvas).polygon([tuple(p) for p in pts - [x0, y0]], fill=1)
+            mask = np.asarray(canvas, dtype=bool)               # (h, w) the pixels drawn
+            if not mask.any():                                  # too thin to show a pixel
+                break
+            under = owner[y0:y1, x0:x1][mask]                   # owners of the pixels we cover
+            hidden = np.bincount(under[under >= 0], minlength=len(objects))
+            if all(o[3] - n >= _SHAPES_MIN_VISIBLE * o[2] for o, n in zip(objects, hidden)):
+                placed = True
+                break
+        if not placed:
+            continue                                            # leave it out
+        for o, n in zip(objects, hidden):
+            o[3] -= int(n)
+        region = image[y0:y1, x0:x1]                            # (h, w, 3) view
+        # A colour that stands out from what lies underneath, with a gentle shading across it.
+        below = region[mask].mean(0)
+        colours = rng.uniform(0, 255, (8, 3))
+        distance = np.linalg.norm(colours - below, axis=1)
+        colour = colours[np.argmax(distance > 90) if (distance > 90).any() else np.argmax(distance)]
+        _, xx = np.mgrid[0:y1 - y0, 0:x1 - x0]
+        ramp = (xx / (x1 - x0) - 0.5)[..., None] * rng.normal(0, 25, 3)     # (h, w, 3)
+        region[mask] = np.clip(colour + ramp[mask], 0, 255)
+        owner[y0:y1, x0:x1][mask] = len(objects)
+        objects.append([label, (x0, y0, x1, y1), int(mask.sum()), int(mask.sum())])
+    image += rng.normal(0, rng.uniform(0, 6), image.shape)     # sensor noise over everything
+    annotations = []
+    for index, (label, (x0, y0, x1, y1), _, _) in enumerate(objects):
+        rows, cols = np.nonzero(owner[y0:y1, x0:x1] == index)
+        bx, by = x0 + int(cols.min()), y0 + int(rows.min())
+        # x2 = last column + 1: boxes lie on pixel edges (see the section docstring)
+        bw, bh = x0 + int(cols.max()) + 1 - bx, y0 + int(rows.max()) + 1 - by
+        annotations.append((label, [bx, by, bw, bh]))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), annotations, owner
+
+
+def _write_json_atomic(path, obj):
+    """Write JSON to a temporary file, then rename: a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, separators=(",", ":")))
+    os.replace(tmp, path)
+
+
+def build_shapes_dataset(root="data/shapes", *, seed=0, num_train=1000, num_val=200, force=False):
+    """Draw the embedded dataset and write it in COCO format; return root (pathlib.Path).
+
+    root/train/000001.png ...   root/val/000001.png ...
+    root/annotations/instances_train.json, instances_val.json   (COCO: bbox is [x, y, w, h])
+    root/manifest.json          the settings of a complete build, written last
+
+    Deterministic: the same seed and counts give the same bytes. Idempotent: a complete build
+    with the same settings is reused (force=True redraws it).
+    """
+    root = pathlib.Path(root)
+    manifest = {"version": _SHAPES_VERSION, "seed": int(seed), "num_train": int(num_train),
+                "num_val": int(num_val), "classes": list(SHAPES_CLASSES[1:])}
+    manifest_file = root / "manifest.json"
+    counts = {"train": num_train, "val": num_val}
+    if not force and manifest_file.exists():
+        try:
+            same = json.loads(manifest_file.read_text()) == manifest
+        except ValueError:
+            same = False
+        complete = same and all(
+            (root / "annotations" / f"instances_{split}.json").exists()
+            and all((root / split / f"{i:06d}.png").exists() for i in range(1, n + 1))
+            for split, n in counts.items())
+        if complete:
+            print(f"shapes dataset: reusing {root} ({num_train} train + {num_val} val images, seed {seed})")
+            return root
+    manifest_file.unlink(missing_ok=True)                       # incomplete until written again
+    start = time.perf_counter()
+    categories = [{"id": k, "name": name, "supercategory": "shape"}
+                  for k, name in enumerate(SHAPES_CLASSES) if k > 0]
+    for split_index, (split, count) in enumerate(counts.items()):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        for stale in (root / split).glob("*.png"):              # left over from a larger build
+            if stale.stem.isdigit() and int(stale.stem) > count:
+                stale.unlink()
+        images, annotations = [], []
+        for image_id in tqdm(range(1, count + 1), desc=f"shapes {split}", unit="img"):
+            # One generator per image: image i is the same whatever the counts.
+            rng = np.random.default_rng([seed, split_index, image_id])
+            pixels, objects, _ = _draw_shapes_image(rng, SHAPES_CLASSES)
+            file_name = f"{image_id:06d}.png"
+            # compress_level 1: three times faster than the default, files 15% larger.
+            Image.fromarray(pixels).save(root / split / file_name, compress_level=1)
+            images.append({"id": image_id, "file_name": file_name,
+                           "width": pixels.shape[1], "height": pixels.shape[0]})
+            for label, bbox in objects:
+                # No masks here, so "area" is the box area, as the evaluator computes it from boxes.
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                    "category_id": label, "bbox": bbox,
+                                    "area": bbox[2] * bbox[3], "iscrowd": 0})
+        _write_json_atomic(root / "annotations" / f"instances_{split}.json",
+                           {"info": {"description": f"shapes dataset, seed {seed}"}, "licenses": [],
+                            "images": images, "annotations": annotations, "categories": categories})
+    _write_json_atomic(manifest_file, manifest)
+    print(f"shapes dataset: wrote {root} ({num_train} train + {num_val} val images, seed {seed}) "
+          f"in {time.perf_counter() - start:.1f} s")
+    return root
+
+
+# ---- images ----------------------------------------------------------------------------------
+
+def load_image(path):
+    """Read an image file as FloatTensor[3, H, W], RGB, values in 0..1.
+
+    Grayscale is repeated over the three channels; palette images go through their palette;
+    16-bit images (modes I;16 and I) are scaled by 65535, keeping their full range. An alpha
+    channel is dropped (the stored colours are kept, as PIL's convert("RGB") does); boxes are
+    drawn on what the pixels show, and compositing would invent a background. EXIF rotation is
+    not applied: COCO and VOC boxes refer to the pixels as stored.
+    """
+    path = pathlib.Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                gray = np.clip(np.asarray(im, dtype=np.float32) / 65535, 0, 1)  # (H, W)
+                return torch.from_numpy(np.repeat(gray[None], 3, 0))            # (3, H, W)
+            if im.mode in ("P", "PA"):
+                im = im.convert("RGBA")                     # a palette may hold transparency
+            pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot read the image ({e})") from None
+    # (H, W, 3) uint8 -> (3, H, W) float in 0..1. In numpy: torch's thread pool would only add
+    # overhead on an image this size, in a loader's main process.
+    chw = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+    return torch.from_numpy(np.divide(chw, 255, out=chw))
+
+
+def _clip_boxes(boxes, widths, heights):
+    """Clip xyxy boxes Float[A, 4] to their images; returns (boxes, changed[A], keep[A]).
+
+    changed: a side moved by more than float rounding; keep: something is left (x2 > x1, y2 > y1).
+    """
+    limits = np.stack([widths, heights, widths, heights], 1)   # (A, 4)
+    clipped = np.clip(boxes, 0, limits)
+    changed = (np.abs(clipped - boxes) > 1e-3).any(1)
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return clipped.astype(np.float32), changed & keep, keep
+
+
+def _warn_repaired(source, clipped_ids, dropped_ids):
+    """The one warning a dataset gives about the boxes it repaired, naming them."""
+    if not clipped_ids and not dropped_ids:
+        return
+
+    def some(ids):
+        ids = [str(i) for i in ids]
+        return ", ".join(ids[:20]) + (f", ... ({len(ids) - 20} more)" if len(ids) > 20 else "")
+
+    parts = []
+    if clipped_ids:
+        parts.append(f"{len(clipped_ids)} boxes partly outside the image were clipped to it "
+                     f"(annotations {some(clipped_ids)})")
+    if dropped_ids:
+        parts.append(f"{len(dropped_ids)} boxes with no area inside the image were dropped "
+                     f"(annotations {some(dropped_ids)})")
+    warnings.warn(f"{source}: " + "; ".join(parts), DatasetWarning, stacklevel=3)
+
+
+def _make_target(boxes, labels, iscrowd, image_id):
+    # Copies, so that a transform that works in place cannot change the dataset.
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "image_id": int(image_id),
+            "iscrowd": torch.tensor(iscrowd, dtype=torch.bool)}
+
+
+def _check_size(path, image, width, height, source):
+    if image.shape[1:] != (height, width):
+        raise DatasetError(f"{path}: image is {image.shape[2]}x{image.shape[1]} pixels, but "
+                           f"{source} says {width}x{height}")
+
+
+# ---- COCO ------------------------------------------------------------------------------------
+
+class CocoDetection(torch.utils.data.Dataset):
+    """COCO 2017, or any set in COCO format (a folder of images and an instances_*.json).
+
+    ds[i] -> (image FloatTensor[3, H, W], target dict); see the section docstring.
+    COCO category ids (1..90 with gaps in COCO 2017, or anything, even 0) become contiguous
+    labels 1..K in sorted id order, because the classifier has one output per label and
+    label 0 is background:
+        class_names      tuple, class_names[0] == "__background__", class_names[label]
+        label_to_cat_id  {label: category id}      cat_id_to_label  {category id: label}
+        image_ids        COCO image ids, ds[i] is image_ids[i] (sorted)
+        images           [{"id", "file_name", "width", "height"}, ...], in the same order
+        target(i)        image i's target without reading the image (for counts and evaluation)
+    The annotation file is checked when the dataset is built, not later in a loader worker:
+    malformed JSON, missing keys, a bbox that is not 4 numbers or an unknown category or image id
+    raise DatasetError naming the file. Boxes partly outside their image are clipped, boxes with
+    nothing left are dropped, and one DatasetWarning names them. Crowd regions are kept with
+    iscrowd True; images without boxes are kept as negatives.
+    """
+
+    def __init__(self, image_dir, ann_file, *, transforms=None):
+        self.image_dir = pathlib.Path(image_dir)
+        self.ann_file = pathlib.Path(ann_file)
+        self.transforms = transforms
+        data = _read_coco_json(self.ann_file)
+
+        def bad(what):
+            return DatasetError(f"{self.ann_file}: {what}")
+
+        cat_ids = []
+        names = {}
+        for k, cat in enumerate(data["categories"]):
+            if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or "name" not in cat:
+                raise bad(f"categories[{k}] needs an integer 'id' and a 'name', got {cat!r}")
+            if cat["id"] in names:
+                raise bad(f"category id {cat['id']} appears twice in 'categories'")
+            cat_ids.append(cat["id"])
+            names[cat["id"]] = str(cat["name"])
+        cat_ids.sort()
+        self.cat_id_to_label = {cat_id: label for label, cat_id in enumerate(cat_ids, start=1)}
+        self.label_to_cat_id = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
+        self.class_names = ("__background__",) + tuple(names[c] for c in cat_ids)
+        self.num_classes = len(self.class_names)                # including background
+
+        self.images = []                                        # {"id", "file_name", "width", "height"}
+        keys = ("id", "file_name", "width", "height")
+        for k, img in enumerate(data["images"]):
+            if not isinstance(img, dict) or any(key not in img for key in keys):
+                raise bad(f"images[{k}] needs 'id', 'file_name', 'width' and 'height'; got {img!r}")
+            size = (img["width"], img["height"])
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in size):
+                raise bad(f"image id {img['id']}: width and height must be positive numbers, got {size}")
+            self.images.append({"id": img["id"], "file_name": img["file_name"],
+                                "width": int(img["width"]), "height": int(img["height"])})
+        self.images.sort(key=lambda img: img["id"])             # a stable order, whatever the file's
+        position = {img["id"]: k for k, img in enumerate(self.images)}   # image id -> index
+        if len(position) != len(self.images):
+            ids = [img["id"] for img in self.images]
+            twice = next(i for i, j in zip(ids, ids[1:]) if i == j)
+            raise bad(f"image id {twice} appears twice in 'images'")
+        self.image_ids = [img["id"] for img in self.images]
+
+        anns = data["annotations"]
+        ann_ids, image_index, labels, crowd = [], [], [], []
+        boxes = np.zeros((len(anns), 4), np.float64)           # (A, 4) xywh, then xyxy
+        for k, ann in enumerate(anns):
+            ann_id = ann.get("id", f"#{k}") if isinstance(ann, dict) else f"#{k}"
+            name = f"annotation {ann_id} (annotations[{k}])"
+            if not isinstance(ann, dict) or any(key not in ann for key in ("image_id", "category_id", "bbox")):
+                raise bad(f"{name} needs 'image_id', 'category_id' and 'bbox'; got {ann!r}")
+            bbox = ann["bbox"]
+            numbers = isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+            if not numbers:
+                raise bad(f"{name}: 'bbox' must be 4 finite numbers [x, y, width, height], got {bbox!r}")
+            if ann["category_id"] not in self.cat_id_to_label:
+                raise bad(f"{name} has category_id {ann['category_id']!r}, which is not in 'categories' "
+                          f"(ids {sorted(self.cat_id_to_label)})")
+            if ann["image_id"] not in position:
+                raise bad(f"{name} has image_id {ann['image_id']!r}, which is not in 'images'")
+            ann_ids.append(ann_id)
+            image_index.append(position[ann["image_id"]])
+            labels.append(self.cat_id_to_label[ann["category_id"]])
+            crowd.append(bool(ann.get("iscrowd", 0)))
+            boxes[k] = bbox
+        boxes[:, 2:] += boxes[:, :2]                            # xywh -> xyxy
+        image_index = np.asarray(image_index, np.int64)
+        widths = np.array([self.images[i]["width"] for i in image_index], np.float64)
+        heights = np.array([self.images[i]["height"] for i in image_index], np.float64)
+        boxes, changed, keep = _clip_boxes(boxes, widths, heights)
+        self.clipped_ann_ids = [a for a, c in zip(ann_ids, changed) if c]
+        self.dropped_ann_ids = [a for a, k in zip(ann_ids, keep) if not k]
+        _warn_repaired(self.ann_file, self.clipped_ann_ids, self.dropped_ann_ids)
+
+        # Group the surviving annotations by image: per image Float[N, 4], Int64[N], Bool[N].
+        labels, crowd = np.asarray(labels, np.int64), np.asarray(crowd, bool)
+        order = np.argsort(image_index[keep], kind="stable")
+        per_image = np.bincount(image_index[keep], minlength=len(self.images))
+        splits = np.cumsum(per_image)[:-1]
+        self._boxes = np.split(boxes[keep][order], splits)
+        self._labels = np.split(labels[keep][order], splits)
+        self._iscrowd = np.split(crowd[keep][order], splits)
+
+    def __len__(self):
+        return len(self.images)
+
+    def target(self, index):
+        """The target of image `index` without reading the image (no transforms applied)."""
+        return _make_target(self._boxes[index], self._labels[index], self._iscrowd[index],
+                            self.images[index]["id"])
+
+    def __getitem__(self, index):
+        info = self.images[index]
+        path = self.image_dir / info["file_name"]
+        image = load_image(path)
+        _check_size(path, image, info["width"], info["height"], self.ann_file)
+        target = self.target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __repr__(self):
+        return (f"CocoDetection({len(self)} images, {self.num_classes - 1} classes, "
+                f"images {self.image_dir}, annotations {self.ann_file})")
+
+
+def _read_coco_json(path):
+    """Parse a COCO annotation file; the top level must hold images, annotations, categories."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: annotation file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: a COCO annotation file is a JSON object, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            problem = "is missing" if key not in data else "is not a list"
+            raise DatasetError(f"{path}: key '{key}' {problem} (a COCO annotation file needs "
+                               "'images', 'annotations' and 'categories')")
+    return data
+
+
+# ---- Pascal VOC ------------------------------------------------------------------------------
+
+VOC_CLASSES = ("__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
+               "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+               "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+class VOCDetection(torch.utils.data.Dataset):
+    """Pascal VOC, or any set in its format: root/Annotations/*.xml and root/JPEGImages/.
+
+    Each xml names its image in <filename>. With image_set (e.g. "trainval"), only the ids
+    listed in root/ImageSets/Main/{image_set}.txt are read; otherwise every xml, sorted.
+    class_names gives the label order: labels are positions in it. "__background__" is put in
+    front when it is not already first (so the 20 VOC names, or any list, work as they are);
+    an object named "__background__" would collide with label 0, and is an error.
+    'difficult' objects are kept with iscrowd True, so evaluation ignores them, as VOC's does.
+    image_id is the index in the dataset; images[i] holds {"file_name", "width", "height", "xml"},
+    and target(i) gives image i's target without reading the image. Errors name the xml file:
+    malformed xml, missing fields, an object class that is not in class_names.
+    """
+
+    def __init__(self, root, class_names=None, *, image_set=None, transforms=None):
+        self.root = pathlib.Path(root)
+        self.transforms = transforms
+        names = list(VOC_CLASSES if class_names is None else class_names)
+        if not names or names[0] != "__background__":
+            names.insert(0, "__background__")
+        if "__background__" in names[1:]:
+            raise DatasetError("class_names: '__background__' is reserved for label 0 and can only come first")
+        if len(set(names)) != len(names):
+            raise DatasetError(f"class_names has duplicates: {names}")
+        self.class_names = tuple(names)
+        self.num_classes = len(self.class_names)
+        label_of = {name: label for label, name in enumerate(self.class_names)}
+
+        ann_dir = self.root / "Annotations"
+        if image_set is not None:
+            list_file = self.root / "ImageSets" / "Main" / f"{image_set}.txt"
+            try:
+                ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+            except OSError as e:
+                raise DatasetError(f"{list_file}: cannot read the image set ({e.strerror})") from None
+            xml_files = [ann_dir / f"{i}.xml" for i in ids]
+        else:
+            xml_files = sorted(ann_dir.glob("*.xml"))
+            if not xml_files:
+                raise DatasetError(f"{ann_dir}: no .xml annotation files found")
+
+        self.images = []                                        # {"file_name", "width", "height"}
+        per_box_ids, per_box_image, boxes, labels, crowd = [], [], [], [], []
+        for index, xml_file in enumerate(xml_files):
+            info, objects = _parse_voc_xml(xml_file, self.root / "JPEGImages")
+            self.images.append(info)
+            for k, (name, difficult, box) in enumerate(objects):
+                if name not in label_of or name == "__background__":
+                    reason = ("is reserved for background (label 0)" if name == "__background__"
+                              else f"is not in class_names {self.class_names[1:]}")
+                    raise DatasetError(f"{xml_file}: object {k} has class name {name!r}, which {reason}")
+                per_box_ids.append(f"{xml_file.name}/object {k}")
+                per_box_image.append(index)
+                labels.append(label_of[name])
+                crowd.append(difficult)
+                boxes.append(box)
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        per_box_image = np.asarray(per_box_image, np.int64)
+        # VOC pixel coordinates are 1-based and inclusive: a box over the whole of a W-pixel-wide
+        # image is xmin=1, xmax=W. Ours are 0-based with x2 exclusive ([0, W]), so only the
+        # top-left corner moves: (x1 - 1, y1 - 1, x2, y2).
+        boxes[:, :2] -= 1
+        widths = np.array([self.images[i]["width"] for i in per_box_image], np.float64)
+        heights = np.array([self.images[i]["height"] for i in per_box_image], np.float64)
+        boxes, changed, keep = _clip_boxes(boxes, widths, heights)
+        self.clipped_ann_ids = [a for a, c in zip(per_box_ids, changed) if c]
+        self.dropped_ann_ids = [a for a, k in zip(per_box_ids, keep) if not k]
+        _warn_repaired(self.root, self.clipped_ann_ids, self.dropped_ann_ids)
+
+        labels, crowd = np.asarray(labels, np.int64), np.asarray(crowd, bool)
+        per_image = np.bincount(per_box_image[keep], minlength=len(self.images))
+        splits = np.cumsum(per_image)[:-1]                      # boxes are already in image order
+        self._boxes = np.split(boxes[keep], splits)
+        self._labels = np.split(labels[keep], splits)
+        self._iscrowd = np.split(crowd[keep], splits)
+        self.image_ids = list(range(len(self.images)))
+
+    def __len__(self):
+        return len(self.images)
+
+    def target(self, index):
+        """The target of image `index` without reading the image (no transforms applied)."""
+        return _make_target(self._boxes[index], self._labels[index], self._iscrowd[index], index)
+
+    def __getitem__(self, index):
+        info = self.images[index]
+        path = self.root / "JPEGImages" / info["file_name"]
+        image = load_image(path)
+        _check_size(path, image, info["width"], info["height"], info["xml"])
+        target = self.target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __repr__(self):
+        return f"VOCDetection({len(self)} images, {self.num_classes - 1} classes, root {self.root})"
+
+
+def _parse_voc_xml(xml_file, image_dir):
+    """One VOC annotation file -> (info, objects).
+
+    info: {"file_name", "width", "height", "xml"}; objects: [(name, difficult, [xmin, ymin, xmax, ymax])]
+    in the file's own 1-based coordinates.
+    """
+    try:
+        tree = ET.parse(xml_file).getroot()
+    except FileNotFoundError:
+        raise DatasetError(f"{xml_file}: annotation file not found") from None
+    except ET.ParseError as e:
+        raise DatasetError(f"{xml_file}: malformed XML ({e})") from None
+    except OSError as e:
+        raise DatasetError(f"{xml_file}: cannot read the annotation file ({e.strerror})") from None
+
+    def text(node, tag, where):
+        found = node.find(tag)
+        if found is None or not (found.text or "").strip():
+            raise DatasetError(f"{xml_file}: {where} has no <{tag}>")
+        return found.text.strip()
+
+    def number(node, tag, where):
+        value = text(node, tag, where)
+        try:
+            return float(value)
+        except ValueError:
+            raise DatasetError(f"{xml_file}: {where}: <{tag}> is {value!r}, not a number") from None
+
+    file_name = text(tree, "filename", "<annotation>")
+    try:
+        width = int(float(tree.findtext("size/width")))
+        height = int(float(tree.findtext("size/height")))
+    except (TypeError, ValueError):
+        width = height = 0
+    if width <= 0 or height <= 0:
+        # Some tools write no size, or 0: read it from the image header (cheap, no decoding).
+        try:
+            with Image.open(image_dir / file_name) as im:
+                width, height = im.size
+        except (OSError, UnidentifiedImageError) as e:
+            raise DatasetError(f"{xml_file}: no image size, and cannot read "
+                               f"{image_dir / file_name} ({e})") from None
+    objects = []
+    for k, obj in enumerate(tree.findall("object")):
+        where = f"object {k}"
+        name = text(obj, "name", where)
+        difficult = obj.find("difficult")
+        is_difficult = difficult is not None and (difficult.text or "0").strip() not in ("0", "")
+        box = obj.find("bndbox")
+        if box is None:
+            raise DatasetError(f"{xml_file}: {where} ({name}) has no <bndbox>")
+        coords = [number(box, tag, f"{where} ({name}) <bndbox>")
+                  for tag in ("xmin", "ymin", "xmax", "ymax")]
+        objects.append((name, is_difficult, coords))
+    info = {"file_name": file_name, "width": width, "height": height, "xml": xml_file}
+    return info, objects
+
+
+# ---- transforms and batching -----------------------------------------------------------------
+
+class RandomHorizontalFlip:
+    """Mirror image and boxes left-right with probability p: x1' = W - x2, x2' = W - x1.
+
+    With boxes in 0-based pixel edges ([0, W]) the flip is exact and its own inverse; no
+    "- 1" appears, which is where 1-based pixel-centre conventions go wrong.
+    Draws from torch's generator, which make_data_loader seeds per worker.
+    """
+
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, image, target):
+        if torch.rand(1).item() >= self.p:
+            return image, target
+        width = image.shape[-1]
+        boxes = target["boxes"]
+        # (N, 4) x1 y1 x2 y2 -> W - x2, y1, W - x1, y2
+        flipped = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+        return image.flip(-1), {**target, "boxes": flipped.reshape(-1, 4)}
+
+    def __repr__(self):
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class Compose:
+    """Apply transforms on (image, target) pairs one after another."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, image, target):
+        for t in self.transforms:
+            image, target = t(image, target)
+        return image, target
+
+    def __repr__(self):
+        return "Compose(" + ", ".join(repr(t) for t in self.transforms) + ")"
+
+
+def collate_fn(batch):
+    """[(image, target), ...] -> ([image, ...], [target, ...]).
+
+    Images are not stacked: they differ in size, and the model resizes and pads them itself.
+    """
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def _seed_worker(worker_id):
+    # torch seeds each worker from the loader's generator; numpy is seeded from it too, for
+    # transforms that draw from numpy.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def make_data_loader(dataset, *, batch_size, shuffle, num_workers=None, seed=0, sampler=None,
+                     drop_last=False):
+    """A DataLoader of (list of images, list of targets) batches, reproducible by seed.
+
+    num_workers=None: no worker processes for small sets (under 64 images, where starting them
+    costs more than it saves), else min(2, CPU count). Workers persist across epochs.
+    A sampler (e.g. DistributedSampler) takes the place of shuffle.
+    """
+    if num_workers is None:
+        num_workers = 0 if len(dataset) < 64 else min(2, os.cpu_count() or 1)
+    generator = torch.Generator().manual_seed(seed)             # shuffling order and worker seeds
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=num_workers, collate_fn=collate_fn, drop_last=drop_last,
+        persistent_workers=num_workers > 0, worker_init_fn=_seed_worker, generator=generator,
+        pin_memory=torch.cuda.is_available())
 
 
 # =============================================================================================
@@ -1045,3 +1764,402 @@ def check_targets(images: list[Tensor], targets) -> None:
         if bad.any():
             raise ValueError(f"target {i}: boxes with zero or negative size at rows "
                              f"{torch.where(bad)[0].tolist()}: {boxes[bad].tolist()}")
+
+
+# =============================================================================================
+# 06 evaluation: the COCO detection metric, through pycocotools and from scratch
+# =============================================================================================
+"""Section 06, evaluation. The COCO detection metric (Lin et al., 2014, "Microsoft COCO:
+Common Objects in Context"; the rules are those of cocodataset.org/#detection-eval and of
+pycocotools' COCOeval), computed twice: `coco_evaluate` asks the official pycocotools,
+`average_precision` rebuilds it from scratch with numpy, and the tests hold the two equal.
+
+    predictions  list of {"boxes": (D, 4) xyxy px, "scores": (D,), "labels": (D,) in 1..K}
+    targets      list of {"boxes": (G, 4) xyxy px, "labels": (G,), optional "image_id",
+                          "iscrowd": (G,) bool, "area": (G,)}
+    precision    (T, R, K, A, M)  T = 10 IoU thresholds 0.50:0.05:0.95,
+    recall       (T, K, A, M)     R = 101 recall points 0:0.01:1, K classes,
+                                  A = 4 area ranges (all, small, medium, large),
+                                  M = 3 caps on detections per image and class (1, 10, 100)
+
+COCO files store boxes as (x, y, w, h); the conversion happens here, at the boundary.
+Tensors may be torch (any device) or numpy. An image's id is target["image_id"] when the
+target has one, else its position in the list.
+
+A metric that COCO cannot define (no ground truth of any class in that area range, or no
+ground truth at all) is -1, as pycocotools reports it, in both implementations: -1 keeps
+`evaluate --json` valid JSON and cannot be mistaken for a real AP in 0..1.
+"""
+
+# The parameters of COCOeval (pycocotools Params.setDetParams). linspace, not arange: arange
+# drifts, and AP75 looks its threshold up by equality with 0.75.
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # (T,)
+COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)  # (R,)
+# area = box w * h in px^2; a range includes both ends, so an area of exactly 32^2 is small and medium.
+COCO_AREA_RANGES = {
+    "all": (0.0, 1e5**2),
+    "small": (0.0, 32.0**2),
+    "medium": (32.0**2, 96.0**2),
+    "large": (96.0**2, 1e5**2),
+}  # (A,)
+COCO_MAX_DETS = (1, 10, 100)  # (M,) highest-scoring detections kept per image *and class*
+COCO_METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _numpy(x, dtype) -> np.ndarray:
+    """A torch tensor (on any device) or an array-like, as a numpy array of `dtype`."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) x1, y1, x2, y2 -> (N, 4) x, y, w, h, the COCO layout."""
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
+def _box_area(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) xyxy -> (N,) w * h, computed as COCO computes a result's area (from its xywh)."""
+    wh = _xyxy_to_xywh(boxes)[:, 2:]
+    return wh[:, 0] * wh[:, 1]
+
+
+def _evaluation_inputs(predictions, targets, class_names=None):
+    """Checks predictions and targets and turns them into float64/int64 numpy arrays.
+
+    Returns (images, class_ids): images is a list, one dict per image in ascending image id
+    order (COCOeval walks images that way, and the order ranks tied scores across images),
+    with image_id, gt_boxes (G, 4), gt_labels (G,), gt_crowd (G,) bool, gt_area (G,),
+    pred_boxes (D, 4), pred_scores (D,), pred_labels (D,). class_ids lists the K classes
+    in ascending order: 1..len(class_names)-1 when names are given, and every label seen.
+    """
+    if len(predictions) != len(targets):
+        raise ValueError(f"evaluation got {len(predictions)} predictions for {len(targets)} targets; "
+                         "they must pair up image by image")
+    images, seen_ids = [], set()
+    for index, (pred, target) in enumerate(zip(predictions, targets)):
+        image_id = int(target["image_id"]) if "image_id" in target else index
+        if image_id in seen_ids:
+            raise ValueError(f"image_id {image_id} appears twice in the targets (target {index})")
+        seen_ids.add(image_id)
+        for name, mapping, keys in (("target", target, ("boxes", "labels")),
+                                    ("prediction", pred, ("boxes", "scores", "labels"))):
+            missing = [key for key in keys if key not in mapping]
+            if missing:
+                raise ValueError(f"{name} {index} (image_id {image_id}) has no {missing}")
+        gt_boxes = _numpy(target["boxes"], np.float64).reshape(-1, 4)
+        gt_labels = _numpy(target["labels"], np.int64).reshape(-1)
+        num_gt = len(gt_boxes)
+        gt_crowd = (_numpy(target["iscrowd"], bool).reshape(-1) if "iscrowd" in target
+                    else np.zeros(num_gt, bool))
+        gt_area = (_numpy(target["area"], np.float64).reshape(-1) if "area" in target
+                   else _box_area(gt_boxes))
+        pred_boxes = _numpy(pred["boxes"], np.float64).reshape(-1, 4)
+        pred_scores = _numpy(pred["scores"], np.float64).reshape(-1)
+        pred_labels = _numpy(pred["labels"], np.int64).reshape(-1)
+        if not len(gt_labels) == len(gt_crowd) == len(gt_area) == num_gt:
+            raise ValueError(f"target {index} (image_id {image_id}) has {num_gt} boxes but "
+                             f"{len(gt_labels)} labels, {len(gt_crowd)} iscrowd, {len(gt_area)} areas")
+        if not len(pred_scores) == len(pred_labels) == len(pred_boxes):
+            raise ValueError(f"prediction {index} (image_id {image_id}) has {len(pred_boxes)} boxes, "
+                             f"{len(pred_scores)} scores and {len(pred_labels)} labels")
+        for name, labels in (("target", gt_labels), ("prediction", pred_labels)):
+            if (labels < 1).any():
+                raise ValueError(f"{name} {index} (image_id {image_id}) has label {labels.min()}; "
+                                 "labels are 1..K, 0 is background and never evaluated")
+        images.append(dict(image_id=image_id, gt_boxes=gt_boxes, gt_labels=gt_labels,
+                           gt_crowd=gt_crowd, gt_area=gt_area, pred_boxes=pred_boxes,
+                           pred_scores=pred_scores, pred_labels=pred_labels))
+    images.sort(key=lambda image: image["image_id"])
+
+    class_ids = set(range(1, len(class_names))) if class_names is not None else set()
+    for image in images:
+        class_ids.update(image["gt_labels"].tolist(), image["pred_labels"].tolist())
+    if class_names is not None and class_ids and max(class_ids) >= len(class_names):
+        raise ValueError(f"label {max(class_ids)} has no name: class_names holds {len(class_names)} "
+                         "names, background included")
+    return images, sorted(class_ids)
+
+
+def to_coco_results(predictions, image_ids, label_to_cat_id=None) -> list[dict]:
+    """Detections as a COCO results list, the input of pycocotools' COCO.loadRes.
+
+    predictions: list of {"boxes": (D, 4) xyxy px, "scores": (D,), "labels": (D,)};
+    image_ids: one COCO image id per prediction; label_to_cat_id: label -> COCO category id
+    (a dict, or a list indexed by label; COCO's 80 classes carry ids 1..90 with gaps),
+    None keeps labels as ids. One {"image_id", "category_id", "bbox": [x, y, w, h], "score"}
+    per detection.
+    """
+    if len(image_ids) != len(predictions):
+        raise ValueError(f"to_coco_results got {len(predictions)} predictions "
+                         f"for {len(image_ids)} image ids")
+    results = []
+    for pred, image_id in zip(predictions, image_ids):
+        boxes = _xyxy_to_xywh(_numpy(pred["boxes"], np.float64).reshape(-1, 4))
+        scores = _numpy(pred["scores"], np.float64).reshape(-1)
+        labels = _numpy(pred["labels"], np.int64).reshape(-1)
+        for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+            try:
+                category_id = label if label_to_cat_id is None else label_to_cat_id[label]
+            except (KeyError, IndexError):
+                raise ValueError(f"label {label} (image_id {image_id}) has no COCO category id "
+                                 "in label_to_cat_id") from None
+            results.append({"image_id": int(image_id), "category_id": int(category_id),
+                            "bbox": box, "score": score})
+    return results
+
+
+def save_coco_results(path, predictions, image_ids, label_to_cat_id=None) -> pathlib.Path:
+    """Writes to_coco_results(...) as a JSON file (the format COCO's evaluation server takes)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_coco_results(predictions, image_ids, label_to_cat_id)))
+    return path
+
+
+def _coco_ground_truth(images, class_ids, class_names=None) -> dict:
+    """The targets as an in-memory COCO annotation file (a dict like instances_*.json)."""
+    annotations = []
+    for image in images:
+        boxes = _xyxy_to_xywh(image["gt_boxes"]).tolist()
+        for box, label, crowd, area in zip(boxes, image["gt_labels"].tolist(),
+                                           image["gt_crowd"].tolist(), image["gt_area"].tolist()):
+            # ids start at 1: COCOeval stores the matched gt id per detection and reads 0 as "unmatched"
+            annotations.append({"id": len(annotations) + 1, "image_id": image["image_id"],
+                                "category_id": label, "bbox": box, "area": area,
+                                "iscrowd": int(crowd)})
+    names = list(class_names) if class_names is not None else []
+    return {"images": [{"id": image["image_id"]} for image in images],
+            "categories": [{"id": c, "name": str(names[c]) if c < len(names) else str(c)}
+                           for c in class_ids],
+            "annotations": annotations}
+
+
+def _summarize(precision: np.ndarray, recall: np.ndarray) -> dict:
+    """COCOeval.summarize: each of the 12 numbers is the mean of the defined (> -1) entries of
+    a slice of precision (T, R, K, A, M) or recall (T, K, A, M); -1 when none is defined."""
+    def mean(x):
+        x = x[x > -1]
+        return float(np.mean(x)) if x.size else -1.0
+
+    all_, small, medium, large = 0, 1, 2, 3  # area range index a
+    t50, t75 = 0, 5  # IoU threshold index t: 0.50, 0.75
+    m1, m10, m100 = 0, 1, 2  # detection cap index m
+    return {"AP": mean(precision[:, :, :, all_, m100]),
+            "AP50": mean(precision[t50, :, :, all_, m100]),
+            "AP75": mean(precision[t75, :, :, all_, m100]),
+            "APs": mean(precision[:, :, :, small, m100]),
+            "APm": mean(precision[:, :, :, medium, m100]),
+            "APl": mean(precision[:, :, :, large, m100]),
+            "AR1": mean(recall[:, :, all_, m1]),
+            "AR10": mean(recall[:, :, all_, m10]),
+            "AR100": mean(recall[:, :, all_, m100]),
+            "ARs": mean(recall[:, :, small, m100]),
+            "ARm": mean(recall[:, :, medium, m100]),
+            "ARl": mean(recall[:, :, large, m100])}
+
+
+def _details(precision, recall, class_ids, class_names) -> dict:
+    """What notebook 06 draws: PR curves and the AP of each class (AP@[.5:.95], all areas, 100 dets)."""
+    all_, m100 = 0, 2
+    per_class = {}
+    for k, class_id in enumerate(class_ids):
+        p = precision[:, :, k, all_, m100]  # (T, R)
+        per_class[class_id] = float(p.mean()) if (p > -1).any() else -1.0
+    return {"precision": precision, "recall": recall, "class_ids": list(class_ids),
+            "class_names": [class_names[c] for c in class_ids] if class_names is not None else None,
+            "per_class_AP": per_class,
+            "iou_thresholds": COCO_IOU_THRESHOLDS, "recall_thresholds": COCO_RECALL_THRESHOLDS,
+            "area_ranges": list(COCO_AREA_RANGES), "max_dets": list(COCO_MAX_DETS)}
+
+
+def coco_evaluate(predictions, targets, *, class_names=None, verbose=False, return_details=False) -> dict:
+    """The COCO box metric by the official pycocotools (COCOeval, iouType "bbox").
+
+    predictions and targets pair up image by image (section docstring). class_names
+    (background first, as ds.class_names) names the categories and declares classes 1..K.
+    Returns {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
+    "ARl"} in 0..1 (-1 where undefined) and "images", the number of images. return_details
+    adds pycocotools' "precision" (T, R, K, A, M) and "recall" (T, K, A, M), "class_ids"
+    (the K axis) and "per_class_AP". verbose shows pycocotools' own printout.
+    """
+    # pycocotools is imported here, not at the top: the rest of the module, average_precision
+    # included, needs only numpy and torch.
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as error:
+        raise ImportError("coco_evaluate needs pycocotools (pip install pycocotools); "
+                          "average_precision computes the same numbers without it") from error
+
+    images, class_ids = _evaluation_inputs(predictions, targets, class_names)
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        coco_gt = COCO()
+        coco_gt.dataset = _coco_ground_truth(images, class_ids, class_names)
+        coco_gt.createIndex()
+        results = to_coco_results([{"boxes": im["pred_boxes"], "scores": im["pred_scores"],
+                                    "labels": im["pred_labels"]} for im in images],
+                                  [im["image_id"] for im in images])
+        if results:
+            coco_dt = coco_gt.loadRes(results)
+        else:  # loadRes reads results[0] and fails on an empty list; an empty result set is valid
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": coco_gt.dataset["images"],
+                               "categories": coco_gt.dataset["categories"], "annotations": []}
+            coco_dt.createIndex()
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    metrics = dict(zip(COCO_METRIC_KEYS, (float(s) for s in coco_eval.stats)))
+    metrics["images"] = len(images)
+    if return_details:
+        metrics.update(_details(coco_eval.eval["precision"], coco_eval.eval["recall"],
+                                class_ids, class_names))
+    return metrics
+
+
+def _coco_iou(pred_boxes: np.ndarray, gt_boxes: np.ndarray, gt_crowd: np.ndarray) -> np.ndarray:
+    """(D, 4) x (G, 4) xyxy -> (D, G) IoU, with COCO's crowd rule.
+
+    A crowd region covers many objects, so a detection inside it is judged by how much of the
+    *detection* lies in the region: IoU = intersection / area(detection) for crowd gts.
+    """
+    lt = np.maximum(pred_boxes[:, None, :2], gt_boxes[None, :, :2])  # (D, G, 2)
+    rb = np.minimum(pred_boxes[:, None, 2:], gt_boxes[None, :, 2:])  # (D, G, 2)
+    wh = np.clip(rb - lt, 0, None)  # (D, G, 2); 0 where the boxes do not overlap
+    inter = wh[..., 0] * wh[..., 1]  # (D, G)
+    pred_area, gt_area = _box_area(pred_boxes), _box_area(gt_boxes)
+    union = np.where(gt_crowd[None, :], pred_area[:, None], pred_area[:, None] + gt_area[None, :] - inter)
+    return np.divide(inter, union, out=np.zeros_like(inter), where=inter > 0)
+
+
+def _greedy_match(ious: np.ndarray, gt_ignore: np.ndarray, gt_crowd: np.ndarray):
+    """COCO's greedy matching of one image and class, at all T IoU thresholds at once.
+
+    ious (D, G) with detections in descending score order. Each detection in turn takes the
+    still-unmatched gt of highest IoU >= t; crowd gts stay available (one crowd region can
+    hold many objects). A regular gt beats any ignored one (pycocotools sorts ignored gts last
+    and stops at the first of them once it holds a regular match); among equal IoUs the last
+    gt wins, as pycocotools' `>=` scan does. A detection matched to an ignored gt is ignored.
+    Returns dt_matched (T, D) and dt_ignore (T, D), both bool.
+    """
+    num_dt, num_gt = ious.shape
+    num_t = len(COCO_IOU_THRESHOLDS)
+    thresholds = np.minimum(COCO_IOU_THRESHOLDS, 1 - 1e-10)[:, None]  # (T, 1); pycocotools' cap
+    gt_taken = np.zeros((num_t, num_gt), bool)
+    dt_matched = np.zeros((num_t, num_dt), bool)
+    dt_ignore = np.zeros((num_t, num_dt), bool)
+    if num_gt == 0:  # nothing to match: every detection is a false positive (or out of range)
+        return dt_matched, dt_ignore
+    rows = np.arange(num_t)
+    for d in range(num_dt):  # greedy: a detection sees only the gts its betters left
+        free = (~gt_taken | gt_crowd) & (ious[d] >= thresholds)  # (T, G)
+        has_regular = (free & ~gt_ignore).any(axis=1, keepdims=True)  # (T, 1)
+        candidates = free & np.where(has_regular, ~gt_ignore, gt_ignore)  # (T, G)
+        iou_or_minus = np.where(candidates, ious[d], -1.0)  # (T, G)
+        best = num_gt - 1 - iou_or_minus[:, ::-1].argmax(axis=1)  # (T,) the last gt of highest IoU
+        hit = candidates.any(axis=1)  # (T,)
+        gt_taken[rows[hit], best[hit]] = True
+        dt_matched[:, d] = hit
+        dt_ignore[:, d] = hit & gt_ignore[best]
+    return dt_matched, dt_ignore
+
+
+def _evaluate_image_class(image: dict, class_id: int):
+    """COCOeval.evaluateImg for one image and one class, for each area range.
+
+    Returns None when the image has neither gts nor detections of the class, else a list
+    over the A area ranges of (scores (D,), dt_matched (T, D), dt_ignore (T, D), num_gt),
+    with detections sorted by descending score (stable, as pycocotools' mergesort) and cut
+    to the highest max(COCO_MAX_DETS); num_gt counts the gts that are not ignored.
+    """
+    is_gt, is_dt = image["gt_labels"] == class_id, image["pred_labels"] == class_id
+    if not is_gt.any() and not is_dt.any():
+        return None
+    gt_boxes, gt_crowd = image["gt_boxes"][is_gt], image["gt_crowd"][is_gt]
+    gt_area = image["gt_area"][is_gt]
+    scores = image["pred_scores"][is_dt]
+    order = np.argsort(-scores, kind="mergesort")[:max(COCO_MAX_DETS)]  # ties keep input order
+    scores, pred_boxes = scores[order], image["pred_boxes"][is_dt][order]
+    pred_area = _box_area(pred_boxes)
+    ious = _coco_iou(pred_boxes, gt_boxes, gt_crowd)  # (D, G)
+    per_range = []
+    for lo, hi in COCO_AREA_RANGES.values():
+        # crowd gts and gts outside the range are ignored: matching one neither helps nor hurts
+        gt_ignore = gt_crowd | (gt_area < lo) | (gt_area > hi)
+        dt_matched, dt_ignore = _greedy_match(ious, gt_ignore, gt_crowd)
+        # an unmatched detection outside the range may belong to a gt outside it: not a false positive
+        outside = (pred_area < lo) | (pred_area > hi)
+        dt_ignore |= ~dt_matched & outside[None, :]
+        per_range.append((scores, dt_matched, dt_ignore, int((~gt_ignore).sum())))
+    return per_range
+
+
+def _precision_recall(evaluations: list, max_det: int):
+    """COCOeval.accumulate for one class, area range and detection cap.
+
+    evaluations: one (scores, dt_matched, dt_ignore, num_gt) per image, images in id order.
+    Every image keeps its `max_det` best detections; all of them are then ranked by score
+    (stable, so tied scores keep image order) and swept from the top. Precision at recall r
+    is the highest precision at any recall >= r (the curve made monotone from the right),
+    read at the 101 recall points. Returns precision (T, R) and recall (T,) (the recall
+    reached at the end), or None when the class has no non-ignored gt here (undefined, -1).
+    """
+    num_gt = sum(e[3] for e in evaluations)
+    if num_gt == 0:
+        return None
+    scores = np.concatenate([e[0][:max_det] for e in evaluations])  # (D,) all images
+    order = np.argsort(-scores, kind="mergesort")
+    dt_matched = np.concatenate([e[1][:, :max_det] for e in evaluations], axis=1)[:, order]  # (T, D)
+    dt_ignore = np.concatenate([e[2][:, :max_det] for e in evaluations], axis=1)[:, order]  # (T, D)
+    tp_sum = np.cumsum(dt_matched & ~dt_ignore, axis=1).astype(float)  # (T, D)
+    fp_sum = np.cumsum(~dt_matched & ~dt_ignore, axis=1).astype(float)  # (T, D)
+    num_dt = len(scores)
+    recall_curve = tp_sum / num_gt  # (T, D), non-decreasing along D
+    precision_curve = tp_sum / (tp_sum + fp_sum + np.spacing(1))  # (T, D)
+    # the monotone envelope: a suffix maximum, as pycocotools' right-to-left loop computes it
+    precision_curve = np.maximum.accumulate(precision_curve[:, ::-1], axis=1)[:, ::-1]
+    precision = np.zeros((len(COCO_IOU_THRESHOLDS), len(COCO_RECALL_THRESHOLDS)))  # (T, R)
+    for t in range(len(COCO_IOU_THRESHOLDS)):
+        # the first detection whose recall reaches each recall point; recall never reached -> 0
+        first = np.searchsorted(recall_curve[t], COCO_RECALL_THRESHOLDS, side="left")  # (R,)
+        reached = first < num_dt
+        precision[t, reached] = precision_curve[t, first[reached]]
+    recall = recall_curve[:, -1] if num_dt else np.zeros(len(COCO_IOU_THRESHOLDS))  # (T,)
+    return precision, recall
+
+
+def average_precision(predictions, targets, *, class_names=None, return_details=False) -> dict:
+    """The COCO box metric written from scratch; equals coco_evaluate (tests check 1e-4).
+
+    COCO's rules (cocodataset.org/#detection-eval, pycocotools COCOeval): per class and image,
+    detections are matched greedily in descending score order to gts at 10 IoU thresholds
+    0.50:0.05:0.95 (_greedy_match); per class, precision is read at 101 recall points
+    (_precision_recall); AP is the mean over thresholds, recall points and the classes that
+    have ground truth. APs/APm/APl count only gts of area < 32^2, 32^2..96^2, > 96^2
+    (the others, and crowd gts, are ignored); AR1/AR10/AR100 are the recall reached with at
+    most 1/10/100 detections per image and class, averaged over thresholds and classes.
+    Returns the keys of coco_evaluate (-1 where undefined); return_details adds
+    "precision" (T, R, K, A, M), "recall" (T, K, A, M), "class_ids" (K,), "per_class_AP".
+    """
+    images, class_ids = _evaluation_inputs(predictions, targets, class_names)
+    num_t, num_r = len(COCO_IOU_THRESHOLDS), len(COCO_RECALL_THRESHOLDS)
+    num_k, num_a, num_m = len(class_ids), len(COCO_AREA_RANGES), len(COCO_MAX_DETS)
+    precision = -np.ones((num_t, num_r, num_k, num_a, num_m))  # -1: undefined
+    recall = -np.ones((num_t, num_k, num_a, num_m))
+    for k, class_id in enumerate(class_ids):
+        per_image = [_evaluate_image_class(image, class_id) for image in images]
+        per_image = [e for e in per_image if e is not None]  # images with nothing of this class
+        for a in range(num_a):
+            for m, max_det in enumerate(COCO_MAX_DETS):
+                result = _precision_recall([e[a] for e in per_image], max_det)
+                if result is not None:
+                    precision[:, :, k, a, m], recall[:, k, a, m] = result
+    metrics = _summarize(precision, recall)
+    metrics["images"] = len(images)
+    if return_details:
+        metrics.update(_details(precision, recall, class_ids, class_names))
+    return metrics

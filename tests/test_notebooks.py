@@ -1,0 +1,101 @@
+"""Every notebook: well formed as committed, and runs top to bottom through the project's runner
+(tools/run_notebooks.py) with PROFILE="smoke", writing every figure it declares, none blank.
+
+With --full (or FRCNN_FULL_TESTS=1) the notebooks run with PROFILE="cpu" instead."""
+import ast
+import pathlib
+import time
+
+import matplotlib.image
+import nbformat
+import numpy as np
+import pytest
+
+from tools.run_notebooks import NOTEBOOKS, ROOT, NotebookError, declared_figures, run_notebook
+
+NOTEBOOK_PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+IDS = [p.stem for p in NOTEBOOK_PATHS]
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOK_PATHS, f"no notebooks in {NOTEBOOKS}"
+
+
+def assigned_names(source: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=IDS)
+def test_notebook_is_well_formed(path):
+    nb = nbformat.read(str(path), as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", f"{path.name}: kernel must be python3"
+
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells tagged 'parameters', expected exactly one"
+    assert tagged[0].cell_type == "code"
+    assert "PROFILE" in assigned_names(tagged[0].source), f"{path.name}: the parameters cell must set PROFILE"
+
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name}: cell {i} has committed outputs"
+            assert cell.execution_count is None, f"{path.name}: cell {i} has an execution count"
+
+    figures = declared_figures(path)
+    assert figures, f'{path.name}: declares no figures in metadata["frcnn"]["figures"]'
+    for figure in figures:
+        assert figure.startswith("images/") and figure.endswith(".png"), f"{path.name}: {figure!r}"
+
+
+def assert_not_blank(png: pathlib.Path):
+    pixels = matplotlib.image.imread(str(png))  # (H, W, 3 or 4), floats in 0..1 for PNG
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) >= 50, f"{png}: image is {pixels.shape}"
+    rgb = pixels[..., :3]
+    assert rgb.std() > 0.02, f"{png}: nearly a single colour (std {rgb.std():.4f})"
+    # more than a frame and a title: at least 1% of the pixels differ from the most common colour
+    colours, counts = np.unique(rgb.reshape(-1, 3), axis=0, return_counts=True)
+    background = colours[counts.argmax()]
+    assert (np.abs(rgb - background).max(axis=-1) > 0.05).mean() > 0.01, f"{png}: nearly empty"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=IDS)
+def test_notebook_runs_and_draws_its_figures(path, tmp_path, full_tests):
+    started = time.time()
+    failure = None
+    try:
+        run_notebook(path, profile="cpu" if full_tests else "smoke", out_dir=tmp_path)
+    except NotebookError as err:
+        failure = str(err)  # reported outside the except block: the message alone, no traceback
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    for figure in declared_figures(path):
+        png = ROOT / figure
+        assert png.is_file(), f"{path.name} did not write {figure}"
+        # 1 s of slack for file systems that store whole seconds
+        assert png.stat().st_mtime >= started - 1, f"{path.name} did not rewrite {figure} in this run"
+        assert_not_blank(png)
+
+
+def test_runner_names_the_failing_cell(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# A notebook that fails"),
+        nbformat.v4.new_code_cell('PROFILE = "cpu"', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell("# the bad cell\nshapes = {}\nshapes['P7']"),
+    ]
+    path = tmp_path / "99_fails.ipynb"
+    nbformat.write(nb, str(path))
+    with pytest.raises(NotebookError) as info:
+        run_notebook(path, profile="smoke", out_dir=tmp_path / "out")
+    message = str(info.value)
+    # cell 3 of the notebook as written (papermill's injected cell is not counted)
+    assert "99_fails.ipynb failed in cell 3 (`# the bad cell`): KeyError: 'P7'" in message
+    assert (tmp_path / "out" / "99_fails.ipynb").is_file()

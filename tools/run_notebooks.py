@@ -1,0 +1,157 @@
+"""Run the notebooks headless with papermill: the one runner behind `make run` and the tests.
+
+    python tools/run_notebooks.py [--profile smoke|cpu|full] [--out DIR] [NOTEBOOK_OR_GLOB ...]
+
+With no notebook named, every notebooks/*.ipynb runs, in name order (the series is numbered, and
+a later notebook may read what an earlier one wrote, as 06 reads 05's checkpoint). Each notebook
+runs with the repository root as its working directory, on the `python3` kernel, with the
+papermill parameter PROFILE set; the executed copy (with its outputs) goes to DIR
+(build/notebooks/ by default, which git ignores), so the committed notebooks stay output-free.
+The figures a notebook draws land in images/ under the repository root, as in a manual run.
+
+The first failing notebook stops the run: the runner names the notebook, the failing cell
+(its index in the notebook as committed, and the first line of its source) and the exception,
+and exits with status 1; the executed copy holds the full traceback.
+
+Figures convention: every notebook declares the figures it writes, as paths relative to the
+repository root, in its notebook metadata,
+
+    nb.metadata["frcnn"]["figures"] = ["images/fpn_features.png", "images/activation_histograms.png"]
+
+so that tests/test_notebooks.py can check, after a run, that each one was written and is not blank.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import nbformat
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+DEFAULT_OUT = ROOT / "build" / "notebooks"
+PROFILES = ("smoke", "cpu", "full")
+
+
+class NotebookError(RuntimeError):
+    """A notebook failed; the message names the notebook, the cell and the exception."""
+
+
+def declared_figures(path: str | pathlib.Path) -> list[str]:
+    """The figures a notebook declares in nb.metadata["frcnn"]["figures"] (repo-relative paths)."""
+    nb = nbformat.read(str(path), as_version=4)
+    return list(nb.metadata.get("frcnn", {}).get("figures", []))
+
+
+def _first_line(source: str) -> str:
+    lines = [line for line in source.splitlines() if line.strip()]
+    return lines[0].strip() if lines else "<empty cell>"
+
+
+def _source_cell_index(nb: nbformat.NotebookNode, executed_index: int) -> int | None:
+    """Map a cell index of the executed notebook back to the committed one.
+
+    papermill inserts one cell, tagged `injected-parameters`, right after the `parameters` cell
+    (at the top when there is none); cells after it are shifted by one. None: the injected cell.
+    """
+    tagged = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
+    injected_at = tagged[0] + 1 if tagged else 0
+    if executed_index == injected_at:
+        return None
+    return executed_index - 1 if executed_index > injected_at else executed_index
+
+
+def run_notebook(path: str | pathlib.Path, *, profile: str, out_dir: str | pathlib.Path = DEFAULT_OUT,
+                 parameters: dict | None = None) -> float:
+    """Execute one notebook with PROFILE=`profile` (plus any other `parameters`) from the
+    repository root; write the executed copy to `out_dir`; return the wall time in seconds.
+
+    Raises NotebookError, with a one-paragraph message, when a cell fails or the kernel dies.
+    """
+    import papermill  # imported here so that `--help` and the notebook checks stay light
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
+    path = pathlib.Path(path).resolve()
+    if not path.is_file():
+        raise NotebookError(f"{path}: no such notebook")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / path.name
+    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(path), str(out_path),
+            parameters={"PROFILE": profile, **(parameters or {})},
+            kernel_name="python3", cwd=str(ROOT), progress_bar=False,
+            # the kernel's own log (transport warnings, the interrupt at shutdown) is noise here;
+            # errors in cells still come back through the notebook
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+        )
+    except papermill.PapermillExecutionError as err:
+        index = _source_cell_index(nbformat.read(str(path), as_version=4), err.cell_index)
+        where = "the injected parameters cell" if index is None else f"cell {index}"
+        evalue = err.evalue.strip().splitlines()[0] if err.evalue.strip() else ""
+        raise NotebookError(
+            f"{name} failed in {where} (`{_first_line(err.source)}`): {err.ename}: {evalue}\n"
+            f"  full traceback in the executed copy {out_path}"
+        ) from None
+    except Exception as err:  # a dead kernel, a timeout, an unreadable notebook
+        raise NotebookError(f"{name} did not run: {type(err).__name__}: {err}") from None
+    return time.perf_counter() - start
+
+
+def find_notebooks(patterns: list[str]) -> list[pathlib.Path]:
+    """Notebook paths from names or globs (relative to the working directory, the repository
+    root or notebooks/); all of notebooks/*.ipynb, in name order, when none is given."""
+    if not patterns:
+        return sorted(NOTEBOOKS.glob("*.ipynb"))
+    found = []
+    for pattern in patterns:
+        matches = []
+        for base in (pathlib.Path.cwd(), ROOT, NOTEBOOKS):
+            matches = sorted(p for p in base.glob(pattern) if p.suffix == ".ipynb")
+            if not matches and not pattern.endswith(".ipynb"):
+                matches = sorted(base.glob(pattern + ".ipynb"))
+            if matches:
+                break
+        if not matches:
+            raise SystemExit(f"run_notebooks: no notebook matches {pattern!r}")
+        found += [p.resolve() for p in matches if p.resolve() not in found]
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=PROFILES, default="cpu",
+                        help="smoke: seconds (tests); cpu: minutes on a laptop (default); full: GPU")
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help="where the executed copies go (default: build/notebooks/)")
+    parser.add_argument("notebooks", nargs="*", help="notebook names or globs (default: all, in order)")
+    args = parser.parse_args(argv)
+
+    notebooks = find_notebooks(args.notebooks)
+    if not notebooks:
+        print(f"run_notebooks: no notebooks in {NOTEBOOKS}", file=sys.stderr)
+        return 1
+    total = 0.0
+    for path in notebooks:
+        print(f"{path.name:<28} PROFILE={args.profile} ...", end=" ", flush=True)
+        try:
+            seconds = run_notebook(path, profile=args.profile, out_dir=args.out)
+        except NotebookError as err:
+            print("FAILED")
+            print(f"run_notebooks: {err}", file=sys.stderr)
+            return 1
+        total += seconds
+        print(f"{seconds:7.1f} s")
+    print(f"{len(notebooks)} notebook(s) in {total:.1f} s; executed copies in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
