@@ -32,6 +32,7 @@ import pathlib
 import time
 import warnings
 import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -1764,6 +1765,128 @@ def check_targets(images: list[Tensor], targets) -> None:
         if bad.any():
             raise ValueError(f"target {i}: boxes with zero or negative size at rows "
                              f"{torch.where(bad)[0].tolist()}: {boxes[bad].tolist()}")
+
+
+# =============================================================================================
+# 05 training: profiles, the model they build, the training loop, checkpoints, DDP
+# =============================================================================================
+"""Section 05. One commented dataclass holds every setting of a run; three profiles fill it:
+
+    smoke   seconds on a CPU: for tests
+    cpu     a narrow ResNet-FPN that trains a working detector on the embedded dataset on a
+            2-core CPU in minutes
+    full    ResNet50-FPN at 800/1333 on a GPU; COCO when present, else the embedded dataset
+
+A checkpoint (last.pt, best.pt) holds the model, optimizer, scheduler, epoch, RNG states,
+history and the TrainConfig that built the model, so `evaluate` and `predict` need nothing else.
+"""
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    data: str = "shapes"             # "shapes" (embedded), "coco" or "voc"
+    data_root: str = "data/shapes"   # relative paths resolve against the repository root
+    num_train: int = 1000            # embedded dataset size (shapes only)
+    num_val: int = 200
+    # --- model: a ResNet-FPN of this depth and width (ResNet50-FPN: (3, 4, 6, 3), 64, 256)
+    blocks: tuple = (3, 4, 6, 3)
+    width: int = 64
+    fpn_channels: int = 256
+    representation_size: int = 1024  # box head's two FC layers
+    norm: str = "frozen"             # "frozen" BatchNorm (pretrained backbone) or "batch" (from scratch)
+    pretrained_backbone: bool = True # ImageNet ResNet50 weights when they can be had (ResNet50 only)
+    trainable_backbone_layers: int = 3
+    min_size: int = 800              # short side after resizing
+    max_size: int = 1333
+    anchor_sizes: tuple = (32, 64, 128, 256, 512)
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_batch_size_per_image: int = 512
+    box_detections_per_img: int = 100
+    # --- optimisation
+    epochs: int = 12
+    batch_size: int = 2              # images per process
+    optimizer: str = "sgd"           # "sgd" (momentum 0.9) or "adamw"
+    lr: float = 0.02
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500          # linear warm-up from lr * 0.001
+    schedule: str = "step"           # "step" (x0.1 at 2/3 and 8/9 of training) or "cosine"
+    clip_grad_norm: float = 10.0     # 0 disables
+    amp: bool = True                 # mixed precision (bf16) on CUDA; ignored on CPU
+    # --- bookkeeping
+    seed: int = 0
+    num_workers: int | None = None   # None: make_data_loader's default
+    max_train_images: int | None = None  # cap on the training images (smoke runs)
+    max_val_images: int | None = None
+    max_bad_steps: int = 5           # consecutive non-finite losses before the run stops
+
+
+PROFILES = {
+    "smoke": TrainConfig(data_root="data/shapes_smoke", num_train=40, num_val=10, blocks=(1, 1, 1, 1),
+                         width=8, fpn_channels=32, representation_size=64, norm="batch",
+                         pretrained_backbone=False, trainable_backbone_layers=5, min_size=160,
+                         max_size=256, anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_train=300,
+                         rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=300,
+                         rpn_post_nms_top_n_test=100, box_batch_size_per_image=64, epochs=2,
+                         batch_size=4, optimizer="adamw", lr=2e-3, weight_decay=1e-4, warmup_iters=5,
+                         schedule="cosine", amp=False, max_train_images=16, max_val_images=8),
+    "cpu": TrainConfig(blocks=(1, 1, 2, 1), width=16, fpn_channels=64, representation_size=256,
+                       norm="batch", pretrained_backbone=False, trainable_backbone_layers=5,
+                       min_size=256, max_size=400, anchor_sizes=(16, 32, 64, 128, 256),
+                       rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
+                       rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
+                       box_batch_size_per_image=128, epochs=12, batch_size=4, optimizer="adamw",
+                       lr=2e-3, weight_decay=1e-4, warmup_iters=200, schedule="cosine", amp=False),
+    "full": TrainConfig(),
+}
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> "FasterRCNN":
+    """The FasterRCNN that a TrainConfig describes (num_classes includes background)."""
+    norm_layer = FrozenBatchNorm2d if cfg.norm == "frozen" else nn.BatchNorm2d
+    backbone = resnet_fpn_backbone(blocks=tuple(cfg.blocks), width=cfg.width, fpn_channels=cfg.fpn_channels,
+                                   norm_layer=norm_layer)
+    backbone.body.freeze(cfg.trainable_backbone_layers)
+    return FasterRCNN(num_classes, backbone=backbone, min_size=cfg.min_size, max_size=cfg.max_size,
+                      anchor_sizes=tuple(cfg.anchor_sizes), representation_size=cfg.representation_size,
+                      rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+                      rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+                      rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+                      rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+                      box_batch_size_per_image=cfg.box_batch_size_per_image,
+                      box_detections_per_img=cfg.box_detections_per_img)
+
+
+def torchvision_detector_state_dict(path: str | os.PathLike | None = None) -> dict | None:
+    """torchvision's COCO-trained fasterrcnn_resnet50_fpn weights (COCO_V1), from a local file
+    when `path` is given, else downloaded through torchvision's cache; None, with one line
+    saying why, when neither can be had."""
+    try:
+        if path:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights  # weight source only
+        return FasterRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=False)
+    except Exception as err:
+        print(f"COCO-trained Faster R-CNN weights not available ({type(err).__name__}: {str(err)[:80]}); "
+              "going on without them.")
+        return None
+
+
+COCO_CLASSES = (
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
+    "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella",
+    "N/A", "N/A", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "N/A",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
+    "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase",
+    "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # the 91 labels of torchvision's COCO-trained detectors (category ids; "N/A" ids are unused)
 
 
 # =============================================================================================
