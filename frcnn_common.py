@@ -23,12 +23,15 @@ weights (``load_torchvision_state_dict``) and, in the tests and benchmarks, as t
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
 import math
 import os
 import pathlib
+import random
+import sys
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -36,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.data
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -1005,10 +1009,10 @@ def box_area(boxes: Tensor) -> Tensor:
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Intersection over union of every pair: (N, 4) x (M, 4) -> (N, M)."""
     area1, area2 = box_area(boxes1), box_area(boxes2)
-    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])      # (N, M, 2)
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])  # (N, M, 2)
-    wh = (bottom_right - top_left).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    # overlap width and height, (N, M) each: x and y apart saves building (N, M, 2) tensors
+    w = (torch.min(boxes1[:, None, 2], boxes2[None, :, 2]) - torch.max(boxes1[:, None, 0], boxes2[None, :, 0]))
+    h = (torch.min(boxes1[:, None, 3], boxes2[None, :, 3]) - torch.max(boxes1[:, None, 1], boxes2[None, :, 1]))
+    inter = w.clamp_(min=0) * h.clamp_(min=0)
     return inter / (area1[:, None] + area2[None, :] - inter)
 
 
@@ -1304,10 +1308,19 @@ class RegionProposalNetwork(nn.Module):
             keep = remove_small_boxes(boxes, self.min_size)
             keep = keep[scores_i[keep] >= self.score_thresh]
             boxes, scores_i, lvl = boxes[keep], scores_i[keep], levels[keep]
-            keep = batched_nms(boxes, scores_i, lvl, self.nms_thresh)[: self.post_nms_top_n[self.training]]
+            keep = self.nms_per_level(boxes, scores_i, lvl)[: self.post_nms_top_n[self.training]]
             out_boxes.append(boxes[keep])
             out_scores.append(scores_i[keep])
         return out_boxes, out_scores
+
+    def nms_per_level(self, boxes: Tensor, scores: Tensor, levels: Tensor) -> Tensor:
+        """batched_nms with the level as category, one level at a time: NMS costs the square of
+        its input, and five small squares are far cheaper than one large one. Returns indices
+        by decreasing score."""
+        keep = [idx[nms(boxes[idx], scores[idx], self.nms_thresh)]
+                for idx in (torch.where(levels == lvl)[0] for lvl in range(len(self.anchor_generator.sizes)))]
+        keep = torch.cat(keep)
+        return keep[torch.sort(scores[keep], descending=True, stable=True)[1]]
 
     def loss(self, anchors: Tensor, objectness: Tensor, pred_deltas: Tensor, targets) -> dict:
         """Binary cross-entropy on sampled anchors + smooth-L1 (beta 1/9) on the positives,
@@ -1836,7 +1849,7 @@ PROFILES = {
     "cpu": TrainConfig(blocks=(1, 1, 2, 1), width=16, fpn_channels=64, representation_size=256,
                        norm="batch", pretrained_backbone=False, trainable_backbone_layers=5,
                        min_size=256, max_size=400, anchor_sizes=(16, 32, 64, 128, 256),
-                       rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
+                       rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
                        rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
                        box_batch_size_per_image=128, epochs=12, batch_size=4, optimizer="adamw",
                        lr=2e-3, weight_decay=1e-4, warmup_iters=200, schedule="cosine", amp=False),
@@ -1887,6 +1900,292 @@ COCO_CLASSES = (
     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase",
     "scissors", "teddy bear", "hair drier", "toothbrush",
 )  # the 91 labels of torchvision's COCO-trained detectors (category ids; "N/A" ids are unused)
+
+
+def resolve(path) -> pathlib.Path:
+    """Relative paths are relative to the repository root, wherever the caller runs from."""
+    path = pathlib.Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+def make_datasets(cfg: TrainConfig, *, data_root=None):
+    """(train set with flips, validation set) for cfg.data; the embedded set is built on first use."""
+    root = resolve(data_root or cfg.data_root)
+    if cfg.data == "shapes":
+        root = build_shapes_dataset(root, num_train=cfg.num_train, num_val=cfg.num_val)
+        train = CocoDetection(root / "train", root / "annotations" / "instances_train.json",
+                              transforms=RandomHorizontalFlip(0.5))
+        val = CocoDetection(root / "val", root / "annotations" / "instances_val.json")
+    elif cfg.data == "coco":
+        train = CocoDetection(root / "train2017", root / "annotations" / "instances_train2017.json",
+                              transforms=RandomHorizontalFlip(0.5))
+        val = CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json")
+    elif cfg.data == "voc":
+        train = VOCDetection(root, image_set="train", transforms=RandomHorizontalFlip(0.5))
+        val = VOCDetection(root, image_set="val")
+    else:
+        raise ValueError(f"unknown data {cfg.data!r}: expected 'shapes', 'coco' or 'voc'")
+    return train, val
+
+
+def _subset(dataset, limit):
+    if limit is None or limit >= len(dataset):
+        return dataset
+    subset = torch.utils.data.Subset(dataset, range(limit))
+    subset.class_names = dataset.class_names
+    return subset
+
+
+def trainable_targets(targets: list[dict]) -> list[dict]:
+    """Crowd regions and VOC 'difficult' objects are kept for evaluation (which ignores them),
+    but are not objects to learn: the loss sees the rest."""
+    out = []
+    for t in targets:
+        keep = ~t["iscrowd"].bool() if "iscrowd" in t else torch.ones(len(t["boxes"]), dtype=torch.bool)
+        out.append({"boxes": t["boxes"][keep], "labels": t["labels"][keep]})
+    return out
+
+
+def lr_factor(cfg: TrainConfig, it: int, total: int) -> float:
+    """Learning-rate multiplier at iteration `it` of `total`: linear warm-up from 0.001,
+    then cosine decay to 0, or steps of x0.1 at 2/3 and 8/9 of training."""
+    warmup = min(cfg.warmup_iters, max(total - 1, 1))
+    if it < warmup:
+        return 0.001 + (1 - 0.001) * it / warmup
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(total - warmup, 1)))
+    return 0.1 ** sum(it >= m for m in (total * 2 // 3, total * 8 // 9))
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum (the references' choice with a pretrained backbone) or AdamW (which
+    trains a from-scratch network faster). No weight decay on norms and biases: shrinking
+    them towards 0 does not regularise anything."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: expected 'sgd' or 'adamw'")
+
+
+def save_checkpoint(obj: dict, path) -> None:
+    """Write to a temporary file, then rename: a kill mid-write never leaves a broken checkpoint."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model in eval mode, checkpoint dict) from a file that train wrote."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = TrainConfig(**ckpt["config"])
+        model = build_model(cfg, len(ckpt["class_names"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError, EOFError, OSError, TypeError) as err:
+        raise ValueError(f"checkpoint {path} is not a frcnn_common checkpoint or is damaged: {err}") from err
+    return model.to(device).eval(), ckpt
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after cfg.max_bad_steps non-finite losses in a row."""
+
+
+@torch.inference_mode()
+def predict_dataset(model: nn.Module, dataset, *, device, batch_size: int = 4, progress: bool = True,
+                    desc: str = "evaluate"):
+    """Run the model over a dataset: (predictions, targets), both lists of dicts on the CPU."""
+    model.eval()
+    loader = make_data_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    predictions, targets = [], []
+    for images, batch_targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        outputs = model([img.to(device) for img in images])
+        predictions += [{k: v.cpu() for k, v in out.items()} for out in outputs]
+        targets += batch_targets
+    return predictions, targets
+
+
+def evaluate_model(model: nn.Module, dataset, *, device, batch_size: int = 4, progress: bool = True) -> dict:
+    """COCO metrics (pycocotools) of the model on a dataset, plus "images" and "seconds"."""
+    start = time.perf_counter()
+    predictions, targets = predict_dataset(model, dataset, device=device, batch_size=batch_size,
+                                           progress=progress)
+    metrics = coco_evaluate(predictions, targets, class_names=dataset.class_names)
+    metrics["seconds"] = time.perf_counter() - start
+    return metrics
+
+
+def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=None, data_root=None,
+          stop_after_epochs: int | None = None, progress: bool = True) -> dict:
+    """Train a detector as cfg says; write out_dir/last.pt, best.pt and metrics.json.
+
+    Every epoch: the training set in a seeded order (so a resumed run sees the same batches),
+    the four losses and the learning rate logged per step, then validation AP. A non-finite
+    loss skips its step, naming the batch's images; cfg.max_bad_steps of them in a row stop
+    the run, with the last good checkpoint intact. stop_after_epochs ends this call early (as
+    a kill would) without changing the schedule: `resume=True` continues the same run.
+    Returns the metrics that metrics.json holds.
+    """
+    rank, world = _distributed()
+    device = torch.device(device) if device else DEVICE
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    out_dir = resolve(out_dir)
+    seed_everything(cfg.seed + rank)
+    # The dataset is built (when missing) by rank 0 only; the others wait for it.
+    if rank == 0:
+        train_set, val_set = make_datasets(cfg, data_root=data_root)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        train_set, val_set = make_datasets(cfg, data_root=data_root)
+    train_set, val_set = _subset(train_set, cfg.max_train_images), _subset(val_set, cfg.max_val_images)
+    class_names = list(train_set.class_names)
+
+    model = build_model(cfg, len(class_names))
+    if cfg.pretrained_backbone and tuple(cfg.blocks) == (3, 4, 6, 3) and cfg.width == 64:
+        weights = imagenet_resnet50_state_dict() if not resume else None
+        if weights is not None:
+            model.backbone.body.load_torchvision_state_dict(weights)
+            model.backbone.body.freeze(cfg.trainable_backbone_layers)
+    model.to(device)
+    optimizer = make_optimizer(cfg, model)
+    steps_per_epoch = len(train_set) // (cfg.batch_size * world)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size * world}")
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it, total_steps))
+    history = {"step": [], "lr": [], "rpn_objectness": [], "rpn_box": [], "roi_classifier": [], "roi_box": [],
+               "loss": []}
+    epochs, best_ap, start_epoch, train_seconds = [], -1.0, 0, 0.0
+    last = out_dir / "last.pt"
+    if resume and last.is_file():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, epochs, best_ap = ckpt["history"], ckpt["epochs"], ckpt["best_ap"]
+        start_epoch, train_seconds = ckpt["epoch"], ckpt.get("train_seconds", 0.0)
+        _set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        if rank == 0:
+            print(f"resumed from {last} after epoch {start_epoch}")
+    elif resume and rank == 0:
+        print(f"no checkpoint at {last}: starting from scratch")
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    use_amp = cfg.amp and device.type == "cuda"
+
+    bad_steps = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if stop_after_epochs is not None and epoch >= start_epoch + stop_after_epochs:
+            break
+        epoch_start = time.perf_counter()
+        sampler = None
+        if world > 1:
+            sampler = torch.utils.data.distributed.DistributedSampler(train_set, shuffle=True, seed=cfg.seed,
+                                                                      drop_last=True)
+            sampler.set_epoch(epoch)
+        # A new loader each epoch, seeded by the epoch: the same order after a resume.
+        loader = make_data_loader(train_set, batch_size=cfg.batch_size, shuffle=True, sampler=sampler,
+                                  num_workers=cfg.num_workers, seed=cfg.seed + epoch, drop_last=True)
+        net.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
+        for images, targets in bar:
+            images = [img.to(device, non_blocking=True) for img in images]
+            ids = [t["image_id"] for t in targets]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in trainable_targets(targets)]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                losses = net(images, targets)
+            loss = sum(losses.values())
+            finite = torch.isfinite(loss).to(torch.float32)
+            if world > 1:  # every rank skips together, or none does
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 0:
+                bad_steps += 1
+                if rank == 0:
+                    print(f"non-finite loss at step {len(history['step'])} (images {ids}): step skipped")
+                optimizer.zero_grad(set_to_none=True)
+                if bad_steps >= cfg.max_bad_steps:
+                    raise TrainingDiverged(f"{bad_steps} non-finite losses in a row; the last good "
+                                           f"checkpoint is {last}")
+                continue
+            bad_steps = 0
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            optimizer.step()
+            history["step"].append(len(history["step"]))
+            history["lr"].append(optimizer.param_groups[0]["lr"])
+            scheduler.step()
+            for name, value in losses.items():
+                history[name].append(value.item())
+            history["loss"].append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{history['lr'][-1]:.2e}")
+        train_seconds += time.perf_counter() - epoch_start
+
+        if rank == 0:
+            metrics = evaluate_model(model, val_set, device=device, progress=progress)
+            epochs.append({"epoch": epoch + 1, **{k: metrics[k] for k in COCO_METRIC_KEYS},
+                           "train_seconds": train_seconds})
+            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": asdict(cfg),
+                    "class_names": class_names, "history": history, "epochs": epochs, "best_ap": best_ap,
+                    "train_seconds": train_seconds, "rng": _rng_state()}
+            if metrics["AP"] > best_ap:
+                best_ap = ckpt["best_ap"] = metrics["AP"]
+                save_checkpoint(ckpt, out_dir / "best.pt")
+            save_checkpoint(ckpt, last)
+            summary = {"config": asdict(cfg), "class_names": class_names, "epochs": epochs, "history": history,
+                       "best_ap": best_ap, "train_seconds": train_seconds}
+            _write_json_atomic(out_dir / "metrics.json", summary)
+            print(f"epoch {epoch + 1}/{cfg.epochs}: AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
+                  f"loss {np.mean(history['loss'][-steps_per_epoch:]):.3f}  ({train_seconds:.0f} s training)")
+        if world > 1:
+            dist.barrier()
+    if world > 1:
+        dist.destroy_process_group()
+    return {"epochs": epochs, "history": history, "best_ap": best_ap, "train_seconds": train_seconds,
+            "class_names": class_names}
 
 
 # =============================================================================================
@@ -2286,3 +2585,134 @@ def average_precision(predictions, targets, *, class_names=None, return_details=
     if return_details:
         metrics.update(_details(precision, recall, class_ids, class_names))
     return metrics
+
+
+# =============================================================================================
+# CLI: python -m frcnn_common data | train | evaluate | predict
+# =============================================================================================
+
+def predict_images(model: nn.Module, paths, *, out_dir, class_names, device, score_thresh: float = 0.5,
+                   progress: bool = True) -> list[dict]:
+    """Detect objects in image files; write OUT/<name>.png with the boxes drawn and return
+    [{"image", "boxes", "scores", "labels", "names"}] (boxes xyxy in the image's pixels)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    results = []
+    for path in tqdm(paths, desc="predict", disable=not progress):
+        image = load_image(path)
+        with torch.inference_mode():
+            det = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        keep = det["scores"] >= score_thresh
+        det = {k: v[keep] for k, v in det.items()}
+        names = [class_names[i] for i in det["labels"].tolist()]
+        fig, ax = plt.subplots(figsize=(8, 8 * image.shape[1] / image.shape[2]))
+        draw_boxes(ax, image, det["boxes"], [f"{n} {s:.2f}" for n, s in zip(names, det["scores"].tolist())])
+        fig.savefig(out_dir / (pathlib.Path(path).stem + ".png"), dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        results.append({"image": str(path), "boxes": det["boxes"].tolist(), "scores": det["scores"].tolist(),
+                        "labels": det["labels"].tolist(), "names": names})
+    _write_json_atomic(out_dir / "predictions.json", results)
+    return results
+
+
+def draw_boxes(ax, image: Tensor, boxes: Tensor, texts=(), *, color="lime", linewidth=2.0) -> None:
+    """Show image (3, H, W) on a matplotlib axis with xyxy boxes and an optional text each."""
+    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        ax.add_patch(__import__("matplotlib.patches", fromlist=["Rectangle"]).Rectangle(
+            (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth))
+        if i < len(texts):
+            ax.text(x1, y1, texts[i], color="black", fontsize=8, va="bottom",
+                    bbox=dict(facecolor=color, alpha=0.8, pad=1, edgecolor="none"))
+    ax.set_axis_off()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m frcnn_common",
+                                     description="Faster R-CNN from scratch: data, train, evaluate, predict.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("data", help="build the embedded shapes dataset (idempotent)")
+    p.add_argument("--root", default="data/shapes")
+    p.add_argument("--num-train", type=int, default=TrainConfig.num_train)
+    p.add_argument("--num-val", type=int, default=TrainConfig.num_val)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even when a complete build exists")
+
+    def data_args(p):
+        p.add_argument("--data", choices=["shapes", "coco", "voc"], default=None)
+        p.add_argument("--data-root", default=None, help="dataset folder (default: the profile's)")
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    p = sub.add_parser("train", help="train a detector")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    data_args(p)
+    p.add_argument("--out", default=None, help="output folder (default: runs/<profile>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("evaluate", help="COCO metrics of a checkpoint on a validation set")
+    p.add_argument("--checkpoint", required=True)
+    data_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    p = sub.add_parser("predict", help="detect objects in images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default="runs/predict")
+    p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument("--device", default=None)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "data":
+        build_shapes_dataset(resolve(args.root), seed=args.seed, num_train=args.num_train, num_val=args.num_val,
+                             force=args.force)
+        return 0
+    if args.command == "train":
+        cfg = PROFILES[args.profile]
+        if args.data:
+            cfg = replace(cfg, data=args.data)
+        if args.epochs:
+            cfg = replace(cfg, epochs=args.epochs)
+        try:
+            train(cfg, out_dir=args.out or f"runs/{args.profile}", resume=args.resume, device=args.device,
+                  data_root=args.data_root, progress=not args.no_progress)
+        except TrainingDiverged as err:
+            print(f"training stopped: {err}", file=sys.stderr)
+            return 1
+        return 0
+    device = torch.device(args.device) if args.device else DEVICE
+    model, ckpt = load_checkpoint(args.checkpoint, device)
+    if args.command == "evaluate":
+        cfg = TrainConfig(**ckpt["config"])
+        if args.data:
+            cfg = replace(cfg, data=args.data)
+        _, val_set = make_datasets(cfg, data_root=args.data_root)
+        metrics = evaluate_model(model, _subset(val_set, cfg.max_val_images), device=device)
+        if list(val_set.class_names) != list(ckpt["class_names"]):
+            print("warning: the dataset's classes differ from the checkpoint's", file=sys.stderr)
+        summary = {k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "images", "seconds")}
+        for key, value in summary.items():
+            print(f"{key:>8}: {value:.4f}" if isinstance(value, float) else f"{key:>8}: {value}")
+        if args.json:
+            print(json.dumps(summary))
+        return 0
+    predict_images(model, args.images, out_dir=resolve(args.out), class_names=ckpt["class_names"], device=device,
+                   score_thresh=args.score_thresh)
+    print(f"wrote {len(args.images)} image(s) and predictions.json to {resolve(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, DatasetError, ValueError) as err:  # bad input: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -149,7 +149,7 @@ def test_same_training_losses_and_gradients(models):
             ref_grad = ref_params[key].grad
             # summation order differs (RoIAlign's backward, BatchNorm over the batch): compare
             # on the gradient's own scale
-            torch.testing.assert_close(ours_grad, ref_grad, atol=1e-3 * ref_grad.abs().max().item(), rtol=0)
+            torch.testing.assert_close(ours_grad, ref_grad, atol=3e-3 * ref_grad.abs().max().item(), rtol=0)
     finally:
         ref.eval(), ours.eval()
         ref.zero_grad(), ours.zero_grad()

@@ -1,0 +1,220 @@
+"""Section 05 and the CLI: training learns, resumes exactly, survives NaNs, runs under DDP;
+evaluate and predict answer as SPEC.md says."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import frcnn_common as fc
+
+ROOT = pathlib.Path(fc.__file__).resolve().parent
+SMOKE = replace(fc.PROFILES["smoke"], num_workers=0)
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "frcnn_common", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One uninterrupted 2-epoch smoke run, shared by the tests below."""
+    out = tmp_path_factory.mktemp("smoke_run")
+    metrics = fc.train(SMOKE, out_dir=out, progress=False)
+    return out, metrics
+
+
+def test_train_writes_checkpoints_and_metrics(smoke_run):
+    out, metrics = smoke_run
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+    assert not list(out.glob("*.tmp"))  # atomic writes leave nothing behind
+    saved = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in saved["epochs"]] == [1, 2]
+    steps = SMOKE.epochs * (SMOKE.max_train_images // SMOKE.batch_size)
+    for key in ("rpn_objectness", "rpn_box", "roi_classifier", "roi_box", "lr", "loss"):
+        assert len(saved["history"][key]) == steps
+    assert all(0.0 <= e["AP50"] <= 1.0 or e["AP50"] == -1 for e in saved["epochs"])
+    model, ckpt = fc.load_checkpoint(out / "last.pt")
+    assert not model.training and ckpt["epoch"] == 2 and ckpt["class_names"][0] == "__background__"
+
+
+def test_resume_ends_with_the_same_weights(smoke_run, tmp_path):
+    """Stopped after epoch 1 and resumed == the uninterrupted 2-epoch run, to the last bit."""
+    full_out, _ = smoke_run
+    fc.train(SMOKE, out_dir=tmp_path, progress=False, stop_after_epochs=1)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
+    fc.train(SMOKE, out_dir=tmp_path, progress=False, resume=True)
+    resumed = torch.load(tmp_path / "last.pt", weights_only=False)
+    uninterrupted = torch.load(full_out / "last.pt", weights_only=False)
+    assert resumed["epoch"] == 2
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    assert resumed["history"]["loss"] == uninterrupted["history"]["loss"]
+
+
+def test_lr_schedule_hand_values():
+    cfg = replace(SMOKE, warmup_iters=10, schedule="cosine")
+    assert fc.lr_factor(cfg, 0, 110) == pytest.approx(0.001)
+    assert fc.lr_factor(cfg, 5, 110) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert fc.lr_factor(cfg, 10, 110) == pytest.approx(1.0)
+    assert fc.lr_factor(cfg, 60, 110) == pytest.approx(0.5)       # half-way through the cosine
+    cfg = replace(cfg, schedule="step")
+    assert fc.lr_factor(cfg, 72, 108) == pytest.approx(0.1)      # 2/3 of 108 = 72
+    assert fc.lr_factor(cfg, 96, 108) == pytest.approx(0.01)     # 8/9 of 108 = 96
+
+
+def test_model_overfits_one_batch():
+    """The smoke of "really trains": 40 steps on one batch cut the loss by more than half."""
+    torch.manual_seed(0)
+    train_set, _ = fc.make_datasets(SMOKE)
+    images, targets = zip(*[train_set[i] for i in range(4)])
+    targets = fc.trainable_targets(list(targets))
+    model = fc.build_model(SMOKE, len(train_set.class_names)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss = sum(model(list(images), targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_nan_loss_skips_then_stops_keeping_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    fc.train(SMOKE, out_dir=tmp_path, progress=False, stop_after_epochs=1)
+    before = (tmp_path / "last.pt").read_bytes()
+    real_forward = fc.FasterRCNN.forward
+
+    def nan_forward(self, images, targets=None):
+        out = real_forward(self, images, targets)
+        if self.training:  # a poisoned loss: what an exploding step looks like
+            out["roi_box"] = out["roi_box"] * float("nan")
+        return out
+
+    monkeypatch.setattr(fc.FasterRCNN, "forward", nan_forward)
+    with pytest.raises(fc.TrainingDiverged, match="non-finite losses in a row"):
+        fc.train(replace(SMOKE, max_bad_steps=3), out_dir=tmp_path, progress=False, resume=True)
+    printed = capsys.readouterr().out
+    assert "non-finite loss" in printed and "images [" in printed  # names the batch's image ids
+    assert (tmp_path / "last.pt").read_bytes() == before
+    fc.load_checkpoint(tmp_path / "last.pt")  # still loads
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    fc.save_checkpoint({"epoch": 1}, path)
+
+    def dying_save(obj, f, *args, **kwargs):
+        pathlib.Path(f).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        fc.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        fc.load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        fc.load_checkpoint(bad)
+
+
+# ------------------------------------------------------------------------------------- DDP
+
+def _ddp_worker(rank, world, init_file, images, targets, cfg, state, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = fc.build_model(cfg, 8)
+    model.load_state_dict(state)
+    make_sampling_deterministic(model)
+    net = torch.nn.parallel.DistributedDataParallel(model.train())
+    half = len(images) // world
+    mine = slice(rank * half, (rank + 1) * half)
+    loss = sum(net(images[mine], targets[mine]).values())
+    loss.backward()
+    if rank == 0:
+        torch.save({k: p.grad for k, p in model.named_parameters() if p.grad is not None}, out)
+    torch.distributed.destroy_process_group()
+
+
+def make_sampling_deterministic(model):
+    """Every non-ignored anchor and every RoI is sampled (no random draws), and every image
+    keeps exactly 50 proposals: each image then weighs the same in every loss's average, so
+    averaging two processes' gradients must equal one process's gradient on both halves."""
+    for sampler in (model.rpn.sampler, model.roi_heads.sampler):
+        sampler.batch_size_per_image, sampler.positive_fraction = 10**9, 1.0
+    model.rpn.post_nms_top_n[True] = 50
+
+
+def test_ddp_two_processes_give_the_same_gradients_as_one(tmp_path):
+    cfg = replace(SMOKE, norm="frozen")  # batch statistics would differ between B and 2B images
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 160, 192, generator=g) for _ in range(4)]
+    boxes = torch.tensor([[10.0, 20.0, 60.0, 90.0], [80.0, 30.0, 150.0, 100.0]])
+    targets = [{"boxes": boxes.clone(), "labels": torch.tensor([1, 3])} for _ in range(4)]
+    torch.manual_seed(0)
+    model = fc.build_model(cfg, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    make_sampling_deterministic(model)
+    sum(model.train()(images, targets).values()).backward()
+    expected = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    out = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), images, targets, cfg, state, str(out)), nprocs=2)
+    got = torch.load(out)
+    assert set(got) == set(expected)
+    for key, grad in expected.items():
+        torch.testing.assert_close(got[key], grad, atol=1e-6 + 1e-4 * grad.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "-m", "frcnn_common", "train", "--profile", "smoke", "--out", str(tmp_path),
+                             "--epochs", "1", "--no-progress"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "metrics.json").is_file()
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+def test_cli_evaluate_json_and_predict(smoke_run, tmp_path):
+    out, _ = smoke_run
+    result = run_cli("evaluate", "--checkpoint", str(out / "last.pt"), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "images", "seconds"}
+    assert summary["images"] == SMOKE.max_val_images
+    model, _ = fc.load_checkpoint(out / "last.pt")
+    val = fc.make_datasets(SMOKE)[1]
+    direct = fc.evaluate_model(model, fc._subset(val, SMOKE.max_val_images), device="cpu", progress=False)
+    assert summary["AP"] == pytest.approx(direct["AP"], abs=1e-9)  # the CLI reports what the code computes
+
+    image = ROOT / "data" / "shapes_smoke" / "val" / sorted(os.listdir(ROOT / "data/shapes_smoke/val"))[0]
+    result = run_cli("predict", "--checkpoint", str(out / "last.pt"), str(image), "--out", str(tmp_path),
+                     "--score-thresh", "0.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / (image.stem + ".png")).is_file()
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    assert predictions[0]["image"] == str(image) and len(predictions[0]["boxes"]) == len(predictions[0]["names"])
+
+
+def test_cli_errors_are_clear(tmp_path):
+    result = run_cli("evaluate", "--checkpoint", str(tmp_path / "nope.pt"))
+    assert result.returncode != 0 and "nope.pt" in result.stderr
+    result = run_cli("train", "--profile", "bogus")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
