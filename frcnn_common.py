@@ -815,6 +815,34 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """One conv that computes bn(conv(x)), for inference.
+
+    Frozen BatchNorm is an affine map per channel, y = x * scale + shift, and a conv is
+    linear, so the two fold into one conv: weight * scale (each output channel scaled),
+    bias * scale + shift. That saves two passes over every activation of the backbone.
+    bn: FrozenBatchNorm2d, or nn.BatchNorm2d in eval mode (in training mode it normalises
+    with the batch's statistics, which no fixed conv can do).
+    """
+    if isinstance(bn, nn.BatchNorm2d) and bn.training:
+        raise ValueError("fold_batchnorm: a BatchNorm2d in training mode uses batch statistics; "
+                         "call .eval() before folding")
+    with torch.no_grad():
+        scale = (bn.running_var + bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = bn.weight * scale
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                           device=conv.weight.device, dtype=conv.weight.dtype)
+        folded.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))  # (out, in, kh, kw) * (out, 1, 1, 1)
+        folded.bias.copy_(bias)
+    return folded.requires_grad_(False)
+
+
 class Bottleneck(nn.Module):
     """ResNet bottleneck block (He et al., 2016, Fig. 5 right), in the "v1.5" form that puts the
     stride on the 3x3 conv:  1x1 (mid) -> 3x3 (mid, stride) -> 1x1 (4*mid), plus the shortcut.
@@ -838,10 +866,13 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        # In place (relu_, +=) on tensors made just above, whose backward never reads them:
+        # a ResNet's activations are most of its memory traffic, and each copy saved counts.
+        out = F.relu_(self.bn1(self.conv1(x)))
+        out = F.relu_(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + identity)
+        out += identity
+        return F.relu_(out)
 
 
 class ResNet(nn.Module):
@@ -871,7 +902,7 @@ class ResNet(nn.Module):
         self.out_channels = [width * 2**i * Bottleneck.expansion for i in range(4)]  # C2..C5
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        x = F.relu(self.bn1(self.conv1(x)))                   # (N, width, H/2, W/2)
+        x = F.relu_(self.bn1(self.conv1(x)))                  # (N, width, H/2, W/2)
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)  # (N, width, H/4, W/4)
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
@@ -888,6 +919,22 @@ class ResNet(nn.Module):
             names.append("bn1")
         for name, param in self.named_parameters():
             param.requires_grad_(any(name.startswith(n) for n in names))
+        return self
+
+    def fold_batchnorm(self) -> "ResNet":
+        """For inference, in place: fold every BatchNorm into the conv before it
+        (fold_batchnorm) and put nn.Identity where it was. Returns self; a second call
+        finds nothing left to fold."""
+        def fold(conv, bn):
+            return (conv, bn) if isinstance(bn, nn.Identity) else (fold_batchnorm(conv, bn), nn.Identity())
+
+        self.conv1, self.bn1 = fold(self.conv1, self.bn1)
+        for block in (*self.layer1, *self.layer2, *self.layer3, *self.layer4):
+            block.conv1, block.bn1 = fold(block.conv1, block.bn1)
+            block.conv2, block.bn2 = fold(block.conv2, block.bn2)
+            block.conv3, block.bn3 = fold(block.conv3, block.bn3)
+            if block.downsample is not None:  # Sequential(conv, bn)
+                block.downsample = nn.Sequential(*fold(*block.downsample))
         return self
 
     def load_torchvision_state_dict(self, state_dict: dict) -> "ResNet":
@@ -1278,7 +1325,7 @@ class RPNHead(nn.Module):
     def forward(self, features) -> tuple[list[Tensor], list[Tensor]]:
         logits, deltas = [], []
         for feature in features:
-            t = F.relu(self.conv(feature))
+            t = F.relu_(self.conv(feature))
             logits.append(self.cls_logits(t))
             deltas.append(self.bbox_pred(t))
         return logits, deltas
@@ -1443,16 +1490,20 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     corner, not its centre; aligned=False (the Faster R-CNN default) also makes every RoI at
     least 1x1. Returns (R, C, out_h, out_w).
 
-    Bilinear interpolation is separable, so each RoI's sample rows and columns are computed
-    once; the 4 taps of every sample are then gathered from a channels-last view of the map,
-    where each tap reads C contiguous numbers.
+    Every output number is a weighted sum of input pixels: out[r, :, i, j] = sum over the
+    bin's samples and each sample's 4 bilinear taps of weight * input[n, :, y, x], with
+    weight = (y weight * x weight) / samples per bin. F.embedding_bag computes exactly such
+    sums (rows of a table, with a weight per row, summed per "bag"), in one fused kernel and
+    without materialising the taps: the table is the channels-last view of the map, one
+    row of C numbers per pixel, and each bin is a bag of samples * 4 rows.
     """
     rois = boxes_to_rois(boxes) if isinstance(boxes, (list, tuple)) else boxes
     out_h, out_w = _pair(output_size)
     num_rois, (n, c, height, width) = rois.shape[0], input.shape
     if num_rois == 0:
         return input.new_zeros((0, c, out_h, out_w))
-    rois = rois.to(input.dtype)
+    # the geometry in at least float32: half precision cannot place a sample within a pixel
+    rois = rois.to(torch.promote_types(input.dtype, torch.float32))
     offset = 0.5 if aligned else 0.0
     x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
     roi_w, roi_h = rois[:, 3] * spatial_scale - offset - x1, rois[:, 4] * spatial_scale - offset - y1
@@ -1465,32 +1516,42 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
         grid_h = torch.ceil(roi_h / out_h).to(torch.int64).clamp(min=0)
         grid_w = torch.ceil(roi_w / out_w).to(torch.int64).clamp(min=0)
 
-    flat = input.permute(0, 2, 3, 1).reshape(n * height * width, c)  # (N*H*W, C), a view if channels_last
-    output = input.new_zeros((num_rois, out_h, out_w, c))
+    # (N*H*W, C) with rows contiguous: a free view of a channels_last map, else one copy
+    table = input.permute(0, 2, 3, 1).reshape(n * height * width, c).contiguous()
+    pieces = []  # (RoI indices, their output (r, out_h, out_w, C))
     # RoIs that share a sample grid are done together: one group when sampling_ratio > 0.
     grids = torch.stack([grid_h, grid_w], dim=1)
     for gh, gw in torch.unique(grids, dim=0).tolist():
         if gh == 0 or gw == 0:
             continue  # an empty RoI (aligned=True, zero size) averages nothing: 0
         members = torch.where((grids[:, 0] == gh) & (grids[:, 1] == gw))[0]
-        # at most ~16M gathered numbers at a time keeps memory flat for thousands of RoIs
-        chunk = max(1, (1 << 24) // (out_h * gh * out_w * gw * c))
+        # at most ~4M taps at a time keeps the index tensors small for thousands of RoIs
+        chunk = max(1, (1 << 22) // (out_h * out_w * gh * gw * 4))
         for idx in members.split(chunk):
-            # sample coordinates (R, out*g): bin start + (i + 0.5) * bin / g, as torchvision orders it
+            r = len(idx)
+            # sample coordinates (r, out*g): bin start + (i + 0.5) * bin / g, as torchvision orders it
             iy = torch.arange(out_h * gh, device=rois.device)
             ix = torch.arange(out_w * gw, device=rois.device)
-            ys = (y1[idx, None] + (iy // gh) * bin_h[idx, None]) + ((iy % gh) + 0.5).to(input.dtype) * bin_h[idx, None] / gh
-            xs = (x1[idx, None] + (ix // gw) * bin_w[idx, None]) + ((ix % gw) + 0.5).to(input.dtype) * bin_w[idx, None] / gw
+            ys = (y1[idx, None] + (iy // gh) * bin_h[idx, None]) + ((iy % gh) + 0.5).to(rois.dtype) * bin_h[idx, None] / gh
+            xs = (x1[idx, None] + (ix // gw) * bin_w[idx, None]) + ((ix % gw) + 0.5).to(rois.dtype) * bin_w[idx, None] / gw
             y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(ys, height)   # (r, SY)
             x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(xs, width)    # (r, SX)
-            base = rois[idx, 0].to(torch.int64)[:, None, None] * (height * width)
-            rows_lo, rows_hi = base + (y_lo * width)[:, :, None], base + (y_hi * width)[:, :, None]
-            val = (flat[rows_lo + x_lo[:, None, :]] * (wy_lo[:, :, None] * wx_lo[:, None, :])[..., None]
-                   + flat[rows_lo + x_hi[:, None, :]] * (wy_lo[:, :, None] * wx_hi[:, None, :])[..., None]
-                   + flat[rows_hi + x_lo[:, None, :]] * (wy_hi[:, :, None] * wx_lo[:, None, :])[..., None]
-                   + flat[rows_hi + x_hi[:, None, :]] * (wy_hi[:, :, None] * wx_hi[:, None, :])[..., None])
-            # (r, out_h*gh, out_w*gw, C) -> (r, out_h, gh, out_w, gw, C) -> mean over each bin's samples
-            val = val.reshape(len(idx), out_h, gh, out_w, gw, c).sum(dim=(2, 4)) / (gh * gw)
+            # bag layout (r, out_h, out_w, gh, gw, 2 y taps, 2 x taps): one bag per output bin
+            rows = torch.stack([y_lo, y_hi], dim=-1).reshape(r, out_h, 1, gh, 1, 2, 1)
+            cols = torch.stack([x_lo, x_hi], dim=-1).reshape(r, 1, out_w, 1, gw, 1, 2)
+            wy = torch.stack([wy_lo, wy_hi], dim=-1).reshape(r, out_h, 1, gh, 1, 2, 1)
+            wx = torch.stack([wx_lo, wx_hi], dim=-1).reshape(r, 1, out_w, 1, gw, 1, 2)
+            image = rois[idx, 0].to(torch.int64).reshape(r, 1, 1, 1, 1, 1, 1)
+            pixel = (image * height + rows) * width + cols                    # row of `table`
+            weight = wy * wx / (gh * gw)                                       # mean over the bin's samples
+            val = F.embedding_bag(pixel.reshape(r * out_h * out_w, -1), table, mode="sum",
+                                  per_sample_weights=weight.reshape(r * out_h * out_w, -1).to(input.dtype))
+            pieces.append((idx, val.reshape(r, out_h, out_w, c)))
+    if len(pieces) == 1 and len(pieces[0][0]) == num_rois:
+        output = pieces[0][1]  # every RoI in one piece, in order: nothing to scatter
+    else:
+        output = input.new_zeros((num_rois, out_h, out_w, c))
+        for idx, val in pieces:
             output = output.index_copy(0, idx, val)
     return output.permute(0, 3, 1, 2)  # (R, out_h, out_w, C) -> (R, C, out_h, out_w)
 
@@ -1531,7 +1592,7 @@ class MultiScaleRoIAlign(nn.Module):
         rois = boxes_to_rois(proposals)
         levels = self.map_levels(rois[:, 1:], k_min, k_max)
         c, (out_h, out_w) = features[0].shape[1], _pair(self.output_size)
-        out = features[0].new_zeros((len(rois), c, out_h, out_w))
+        out = features[0].new_empty((len(rois), c, out_h, out_w))  # every RoI has a level: all written
         for level, (feature, scale) in enumerate(zip(features, scales)):
             idx = torch.where(levels == level)[0]
             out[idx] = roi_align(feature, rois[idx], (out_h, out_w), spatial_scale=scale,
@@ -1781,6 +1842,19 @@ class FasterRCNN(nn.Module):
         if self.training:
             return {**rpn_losses, **roi_losses}
         return self.transform.postprocess(detections, image_sizes, original_sizes)
+
+    def fuse(self) -> "FasterRCNN":
+        """An inference copy of this model, the one `predict` and `evaluate` should run:
+        BatchNorm folded into the convolutions (ResNet.fold_batchnorm), weights in
+        channels_last (so every feature map is too: the layout the CPU's convolutions and
+        roi_align's gathers run fastest in), eval mode, no gradients. This model is left as
+        it is. Detections equal this model's within 1e-2 px: folding and the layout
+        reorder float sums. Call it under torch.inference_mode() for the full speed.
+        """
+        from copy import deepcopy
+        fused = deepcopy(self).eval().requires_grad_(False)
+        fused.backbone.body.fold_batchnorm()
+        return fused.to(memory_format=torch.channels_last)
 
     def load_torchvision_state_dict(self, state_dict: dict) -> "FasterRCNN":
         """Load torchvision's fasterrcnn_resnet50_fpn weights (strictly: every key used)."""
@@ -2098,7 +2172,8 @@ def evaluate_model(model: nn.Module, dataset, *, device, batch_size: int = 4, pr
 
 
 def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=None, data_root=None,
-          stop_after_epochs: int | None = None, progress: bool = True, deterministic: bool = False) -> dict:
+          stop_after_epochs: int | None = None, progress: bool = True, deterministic: bool = False,
+          model: nn.Module | None = None) -> dict:
     """Train a detector as cfg says; write out_dir/last.pt, best.pt and metrics.json.
 
     Every epoch: the training set in a seeded order (so a resumed run sees the same batches),
@@ -2106,7 +2181,8 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
     loss skips its step, naming the batch's images; cfg.max_bad_steps of them in a row stop
     the run, with the last good checkpoint intact. stop_after_epochs ends this call early (as
     a kill would) without changing the schedule: `resume=True` continues the same run.
-    deterministic=True makes a CPU run repeatable to the last bit (one thread, deterministic
+    `model` replaces the one cfg describes (same call signature and loss names; the side-by-side
+    benchmark passes torchvision's detector here). deterministic=True makes a CPU run repeatable to the last bit (one thread, deterministic
     kernels: multi-threaded reductions add in a varying order), so that a resumed run ends
     with exactly the weights of an uninterrupted one. It sets both process-wide.
     Returns the metrics that metrics.json holds.
@@ -2131,7 +2207,8 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
     train_set, val_set = _subset(train_set, cfg.max_train_images), _subset(val_set, cfg.max_val_images)
     class_names = list(train_set.class_names)
 
-    model = build_model(cfg, len(class_names))
+    if model is None:
+        model = build_model(cfg, len(class_names))
     if cfg.pretrained_backbone and tuple(cfg.blocks) == (3, 4, 6, 3) and cfg.width == 64:
         weights = imagenet_resnet50_state_dict() if not resume else None
         if weights is not None:

@@ -1,0 +1,98 @@
+"""Train our detector and torchvision's with the same recipe, side by side, and report both APs.
+
+Same backbone (our ResNet-FPN of the profile's size, since torchvision's ResNet cannot be made
+that narrow), same data, same steps, same seed, same training loop (frcnn_common.train): only the
+detection machinery differs, ours (anchors, RPN, RoIAlign heads, all from scratch) against
+torchvision's (its GeneralizedRCNNTransform, RPN, MultiScaleRoIAlign and RoIHeads).
+
+    python bench/train_side_by_side.py --profile cpu [--epochs N] [--out runs/side_by_side]
+
+Prints a table and one JSON line: {"ours": {...}, "torchvision": {...}, "epochs": N}.
+"""
+import argparse
+import json
+import pathlib
+import sys
+from collections import OrderedDict
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import frcnn_common as fc  # noqa: E402
+
+
+class DictFeatures(nn.Module):
+    """Our backbone, returning the OrderedDict of levels that torchvision's heads expect."""
+
+    def __init__(self, backbone: fc.BackboneWithFPN):
+        super().__init__()
+        self.inner, self.out_channels = backbone, backbone.out_channels
+
+    def forward(self, x):
+        return OrderedDict(zip(["0", "1", "2", "3", "pool"], self.inner(x)))
+
+
+class RenamedLosses(nn.Module):
+    """torchvision's detector under our loss names, so the same training loop logs it."""
+
+    names = {"loss_objectness": "rpn_objectness", "loss_rpn_box_reg": "rpn_box",
+             "loss_classifier": "roi_classifier", "loss_box_reg": "roi_box"}
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, targets=None):
+        out = self.model(images, targets)
+        return {self.names[k]: v for k, v in out.items()} if self.training else out
+
+
+def torchvision_detector(cfg: fc.TrainConfig, num_classes: int) -> nn.Module:
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+    ours = fc.build_model(cfg, num_classes)  # the same backbone, built and initialised the same way
+    channels = ours.backbone.out_channels
+    anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
+    model = FasterRCNN(
+        DictFeatures(ours.backbone), num_classes=None, min_size=cfg.min_size, max_size=cfg.max_size,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        box_batch_size_per_image=cfg.box_batch_size_per_image, box_detections_per_img=cfg.box_detections_per_img,
+        box_head=TwoMLPHead(channels * 7 * 7, cfg.representation_size),
+        box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes))
+    return RenamedLosses(model)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(fc.PROFILES), default="cpu")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--out", default="runs/side_by_side")
+    args = parser.parse_args(argv)
+    cfg = fc.PROFILES[args.profile]
+    if args.epochs:
+        cfg = replace(cfg, epochs=args.epochs)
+    out = fc.resolve(args.out)
+    num_classes = len(fc.make_datasets(cfg)[0].class_names)
+    results = {}
+    for name, model in (("ours", None), ("torchvision", "tv")):
+        torch.manual_seed(cfg.seed)  # the same initial weights on both sides
+        model = torchvision_detector(cfg, num_classes) if model == "tv" else None
+        metrics = fc.train(cfg, out_dir=out / name, model=model)
+        last = metrics["epochs"][-1]
+        results[name] = {k: last[k] for k in ("AP", "AP50", "AP75")} | {"train_seconds": metrics["train_seconds"]}
+    print(f"\n{'':12} {'AP':>6} {'AP50':>6} {'AP75':>6} {'train s':>8}")
+    for name, r in results.items():
+        print(f"{name:12} {r['AP']:6.3f} {r['AP50']:6.3f} {r['AP75']:6.3f} {r['train_seconds']:8.0f}")
+    print(json.dumps({**results, "epochs": cfg.epochs, "profile": args.profile}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
