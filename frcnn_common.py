@@ -1489,6 +1489,22 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     aligned=True shifts boxes by half a pixel so that a box's corner sits on a pixel's
     corner, not its centre; aligned=False (the Faster R-CNN default) also makes every RoI at
     least 1x1. Returns (R, C, out_h, out_w).
+    """
+    rois = boxes_to_rois(boxes) if isinstance(boxes, (list, tuple)) else boxes
+    out_h, out_w = _pair(output_size)
+    output = input.new_zeros((len(rois), input.shape[1], out_h, out_w))  # RoIs that average nothing: 0
+    for idx, val in _roi_align_pieces(input, rois, (out_h, out_w), spatial_scale, sampling_ratio, aligned):
+        # (r, out_h, out_w, C) -> (r, C, out_h, out_w); out of place, so autograd sees each piece
+        output = output.index_copy(0, idx, val.permute(0, 3, 1, 2))
+    return output
+
+
+def _roi_align_pieces(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
+                      sampling_ratio: int, aligned: bool):
+    """roi_align, a few hundred RoIs at a time: yields (RoI indices (r,), their output
+    (r, out_h, out_w, C)) so that a caller can place each piece where it belongs without
+    holding a second copy of the whole output. RoIs that average nothing (aligned=True and
+    zero size) are not yielded: their output is 0.
 
     Every output number is a weighted sum of input pixels: out[r, :, i, j] = sum over the
     bin's samples and each sample's 4 bilinear taps of weight * input[n, :, y, x], with
@@ -1497,11 +1513,10 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     without materialising the taps: the table is the channels-last view of the map, one
     row of C numbers per pixel, and each bin is a bag of samples * 4 rows.
     """
-    rois = boxes_to_rois(boxes) if isinstance(boxes, (list, tuple)) else boxes
-    out_h, out_w = _pair(output_size)
+    out_h, out_w = output_size
     num_rois, (n, c, height, width) = rois.shape[0], input.shape
     if num_rois == 0:
-        return input.new_zeros((0, c, out_h, out_w))
+        return
     # the geometry in at least float32: half precision cannot place a sample within a pixel
     rois = rois.to(torch.promote_types(input.dtype, torch.float32))
     offset = 0.5 if aligned else 0.0
@@ -1518,15 +1533,14 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
 
     # (N*H*W, C) with rows contiguous: a free view of a channels_last map, else one copy
     table = input.permute(0, 2, 3, 1).reshape(n * height * width, c).contiguous()
-    pieces = []  # (RoI indices, their output (r, out_h, out_w, C))
     # RoIs that share a sample grid are done together: one group when sampling_ratio > 0.
     grids = torch.stack([grid_h, grid_w], dim=1)
     for gh, gw in torch.unique(grids, dim=0).tolist():
         if gh == 0 or gw == 0:
             continue  # an empty RoI (aligned=True, zero size) averages nothing: 0
         members = torch.where((grids[:, 0] == gh) & (grids[:, 1] == gw))[0]
-        # at most ~4M taps at a time keeps the index tensors small for thousands of RoIs
-        chunk = max(1, (1 << 22) // (out_h * out_w * gh * gw * 4))
+        # about 256k taps at a time: the index tensors stay small, and so does each piece
+        chunk = max(1, (1 << 18) // (out_h * out_w * gh * gw * 4))
         for idx in members.split(chunk):
             r = len(idx)
             # sample coordinates (r, out*g): bin start + (i + 0.5) * bin / g, as torchvision orders it
@@ -1546,14 +1560,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
             weight = wy * wx / (gh * gw)                                       # mean over the bin's samples
             val = F.embedding_bag(pixel.reshape(r * out_h * out_w, -1), table, mode="sum",
                                   per_sample_weights=weight.reshape(r * out_h * out_w, -1).to(input.dtype))
-            pieces.append((idx, val.reshape(r, out_h, out_w, c)))
-    if len(pieces) == 1 and len(pieces[0][0]) == num_rois:
-        output = pieces[0][1]  # every RoI in one piece, in order: nothing to scatter
-    else:
-        output = input.new_zeros((num_rois, out_h, out_w, c))
-        for idx, val in pieces:
-            output = output.index_copy(0, idx, val)
-    return output.permute(0, 3, 1, 2)  # (R, out_h, out_w, C) -> (R, C, out_h, out_w)
+            yield idx, val.reshape(r, out_h, out_w, c)
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -1594,9 +1601,11 @@ class MultiScaleRoIAlign(nn.Module):
         c, (out_h, out_w) = features[0].shape[1], _pair(self.output_size)
         out = features[0].new_empty((len(rois), c, out_h, out_w))  # every RoI has a level: all written
         for level, (feature, scale) in enumerate(zip(features, scales)):
-            idx = torch.where(levels == level)[0]
-            out[idx] = roi_align(feature, rois[idx], (out_h, out_w), spatial_scale=scale,
-                                 sampling_ratio=self.sampling_ratio)
+            level_idx = torch.where(levels == level)[0]
+            # piece by piece, straight into `out`: (r, 7, 7, C) -> (r, C, 7, 7)
+            for idx, val in _roi_align_pieces(feature, rois[level_idx], (out_h, out_w), scale,
+                                              self.sampling_ratio, False):
+                out[level_idx[idx]] = val.permute(0, 3, 1, 2)
         return out
 
 

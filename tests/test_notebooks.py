@@ -99,3 +99,10 @@ def test_runner_names_the_failing_cell(tmp_path):
     # cell 3 of the notebook as written (papermill's injected cell is not counted)
     assert "99_fails.ipynb failed in cell 3 (`# the bad cell`): KeyError: 'P7'" in message
     assert (tmp_path / "out" / "99_fails.ipynb").is_file()
+
+
+def test_readme_shows_every_figure():
+    """The README's gallery shows every figure a notebook declares (the docs match the series)."""
+    readme = (ROOT / "README.md").read_text()
+    missing = [f for path in NOTEBOOK_PATHS for f in declared_figures(path) if f"]({f})" not in readme]
+    assert not missing, f"figures not shown in README.md: {missing}"
