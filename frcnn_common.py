@@ -1114,7 +1114,8 @@ def _greedy_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, categories:
         position = torch.arange(len(blk_boxes), device=boxes.device)
         suppresses &= position[:, None] < position[None, :]                  # only i < j
         alive = torch.ones(len(blk_boxes), dtype=torch.bool, device=boxes.device)
-        for prev in kept:  # the boxes kept by each earlier block, (K_b,) positions
+        # the boxes kept so far, (K,) positions, 192 at a time: (192, B) stays under the grain
+        for prev in (torch.cat(kept).split(192) if kept else []):
             over = box_iou(boxes[prev], blk_boxes) >= threshold               # (K_b, B)
             if categories is not None:
                 over &= categories[prev][:, None] == blk_categories[None, :]
@@ -1948,7 +1949,8 @@ class TrainConfig:
     epochs: int = 12
     batch_size: int = 2              # images per process
     optimizer: str = "sgd"           # "sgd" (momentum 0.9) or "adamw"
-    lr: float = 0.02
+    lr: float = 0.0025               # for one process's batch; SGD under DDP multiplies it by the
+                                     # number of processes (0.02 for 8 x 2 images, as the references)
     weight_decay: float = 1e-4
     warmup_iters: int = 500          # linear warm-up from lr * 0.001
     schedule: str = "step"           # "step" (x0.1 at 2/3 and 8/9 of training) or "cosine"
@@ -1976,7 +1978,7 @@ PROFILES = {
                        min_size=256, max_size=400, anchor_sizes=(16, 32, 64, 128, 256),
                        rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
                        rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
-                       box_batch_size_per_image=128, epochs=12, batch_size=4, optimizer="adamw",
+                       box_batch_size_per_image=128, epochs=6, batch_size=4, optimizer="adamw",
                        lr=2e-3, weight_decay=1e-4, warmup_iters=200, schedule="cosine", amp=False),
     "full": TrainConfig(),
 }
@@ -2053,12 +2055,16 @@ def make_datasets(cfg: TrainConfig, *, data_root=None):
     return train, val
 
 
-def _subset(dataset, limit):
+def subset(dataset, limit: int | None):
+    """The first `limit` items of a dataset (all when None), keeping what describes its classes
+    and files (class_names, label_to_cat_id, ...) so evaluation and export still work."""
     if limit is None or limit >= len(dataset):
         return dataset
-    subset = torch.utils.data.Subset(dataset, range(limit))
-    subset.class_names = dataset.class_names
-    return subset
+    part = torch.utils.data.Subset(dataset, range(limit))
+    for name in ("class_names", "num_classes", "label_to_cat_id", "cat_id_to_label", "ann_file", "image_dir"):
+        if hasattr(dataset, name):
+            setattr(part, name, getattr(dataset, name))
+    return part
 
 
 def trainable_targets(targets: list[dict]) -> list[dict]:
@@ -2144,11 +2150,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun."""
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); starts the process group (nccl for CUDA, gloo for the CPU) when
+    launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -2191,16 +2198,17 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
     the run, with the last good checkpoint intact. stop_after_epochs ends this call early (as
     a kill would) without changing the schedule: `resume=True` continues the same run.
     `model` replaces the one cfg describes (same call signature and loss names; the side-by-side
-    benchmark passes torchvision's detector here). deterministic=True makes a CPU run repeatable to the last bit (one thread, deterministic
-    kernels: multi-threaded reductions add in a varying order), so that a resumed run ends
-    with exactly the weights of an uninterrupted one. It sets both process-wide.
+    benchmark passes torchvision's detector here). deterministic=True makes a CPU run
+    repeatable to the last bit (one thread, deterministic kernels: multi-threaded reductions
+    add in a varying order), so that a resumed run ends with exactly the weights of an
+    uninterrupted one. It sets both process-wide.
     Returns the metrics that metrics.json holds.
     """
     if deterministic:
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(1)
-    rank, world = _distributed()
     device = torch.device(device) if device else DEVICE
+    rank, world = _distributed(device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -2213,17 +2221,26 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
         dist.barrier()
     if rank != 0:
         train_set, val_set = make_datasets(cfg, data_root=data_root)
-    train_set, val_set = _subset(train_set, cfg.max_train_images), _subset(val_set, cfg.max_val_images)
+    train_set, val_set = subset(train_set, cfg.max_train_images), subset(val_set, cfg.max_val_images)
     class_names = list(train_set.class_names)
 
     if model is None:
         model = build_model(cfg, len(class_names))
-    if cfg.pretrained_backbone and tuple(cfg.blocks) == (3, 4, 6, 3) and cfg.width == 64:
-        weights = imagenet_resnet50_state_dict() if not resume else None
+    last = out_dir / "last.pt"
+    resuming = resume and last.is_file()
+    if cfg.pretrained_backbone and tuple(cfg.blocks) == (3, 4, 6, 3) and cfg.width == 64 and not resuming:
+        weights = imagenet_resnet50_state_dict()
         if weights is not None:
             model.backbone.body.load_torchvision_state_dict(weights)
             model.backbone.body.freeze(cfg.trainable_backbone_layers)
+        else:  # frozen statistics of a random network would be meaningless: train everything
+            cfg = replace(cfg, norm="batch", trainable_backbone_layers=5, pretrained_backbone=False)
+            model = build_model(cfg, len(class_names))
+            if rank == 0:
+                print("training the backbone from scratch, with trainable BatchNorm")
     model.to(device)
+    if cfg.optimizer == "sgd" and world > 1:  # the linear scaling rule (Goyal et al., 2017)
+        cfg = replace(cfg, lr=cfg.lr * world)
     optimizer = make_optimizer(cfg, model)
     steps_per_epoch = len(train_set) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
@@ -2233,8 +2250,7 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
     history = {"step": [], "lr": [], "rpn_objectness": [], "rpn_box": [], "roi_classifier": [], "roi_box": [],
                "loss": []}
     epochs, best_ap, start_epoch, train_seconds = [], -1.0, 0, 0.0
-    last = out_dir / "last.pt"
-    if resume and last.is_file():
+    if resuming:
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -2814,6 +2830,9 @@ def main(argv=None) -> int:
         cfg = PROFILES[args.profile]
         if args.data:
             cfg = replace(cfg, data=args.data)
+        elif args.profile == "full" and (resolve("data/coco") / "annotations").is_dir():
+            cfg = replace(cfg, data="coco", data_root="data/coco")  # COCO 2017 where the user has it
+            print("full profile: training on COCO 2017 in data/coco")
         if args.epochs:
             cfg = replace(cfg, epochs=args.epochs)
         try:
@@ -2830,7 +2849,7 @@ def main(argv=None) -> int:
         if args.data:
             cfg = replace(cfg, data=args.data)
         _, val_set = make_datasets(cfg, data_root=args.data_root)
-        metrics = evaluate_model(model, _subset(val_set, cfg.max_val_images), device=device)
+        metrics = evaluate_model(model, subset(val_set, cfg.max_val_images), device=device)
         if list(val_set.class_names) != list(ckpt["class_names"]):
             print("warning: the dataset's classes differ from the checkpoint's", file=sys.stderr)
         summary = {k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "images", "seconds")}

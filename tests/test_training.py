@@ -207,7 +207,7 @@ def test_cli_evaluate_json_and_predict(smoke_run, tmp_path):
     assert summary["images"] == SMOKE.max_val_images
     model, _ = fc.load_checkpoint(out / "last.pt")
     val = fc.make_datasets(SMOKE)[1]
-    direct = fc.evaluate_model(model, fc._subset(val, SMOKE.max_val_images), device="cpu", progress=False)
+    direct = fc.evaluate_model(model, fc.subset(val, SMOKE.max_val_images), device="cpu", progress=False)
     assert summary["AP"] == pytest.approx(direct["AP"], abs=1e-9)  # the CLI reports what the code computes
 
     image = ROOT / "data" / "shapes_smoke" / "val" / sorted(os.listdir(ROOT / "data/shapes_smoke/val"))[0]
