@@ -27,11 +27,8 @@ lab: venv
 	$(PYTHON) -m jupyter lab notebooks
 
 bench: venv
-	@if [ -f bench/benchmark.py ]; then \
-		$(PYTHON) bench/benchmark.py; \
-	else \
-		echo "make bench: bench/benchmark.py does not exist yet; nothing to run."; \
-	fi
+	$(PYTHON) bench/benchmark.py
+	$(PYTHON) tools/readme_section.py bench bench/results.md
 
 # Build outputs and caches only: images/ (committed), data/ (the dataset), runs/ (checkpoints)
 # and .venv/ stay.

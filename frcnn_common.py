@@ -1082,7 +1082,8 @@ def _float32_above(threshold: float) -> float:
     a float64 threshold; `iou >= _float32_above(t)` is that same test in float32 arithmetic
     (a plain `iou > t` rounds t to float32 first, and 0.3 rounds up)."""
     t = np.float32(threshold)
-    return float(t if t > threshold else np.nextafter(t, np.float32(np.inf)))
+    # float(t): compared in float64 (NumPy would round `threshold` to float32 first)
+    return float(t) if float(t) > threshold else float(np.nextafter(t, np.float32(np.inf)))
 
 
 def _greedy_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, categories: Tensor | None,

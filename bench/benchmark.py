@@ -31,6 +31,11 @@ What it measures, and how:
 - FLOPs. torch.utils.flop_counter.FlopCounterMode over one inference (convolutions and
   matrix products; the rest is memory-bound). Achieved GFLOP/s = FLOPs / median time, also
   as a fraction of this machine's measured peak: a large fp32 matmul, in this process.
+- Denormals. A randomly initialised detector's training gradients underflow into denormal
+  floats, which x86 CPUs handle in slow microcode: without flushing them to zero, a
+  training step measures that penalty (2x here, on both models alike) more than either
+  implementation. So the benchmark flushes denormals (torch.set_flush_denormal, which only
+  changes numbers below 1e-38); --keep-denormals measures with them.
 - Parity. Before timing, ours and ours fast must give torchvision's detections: the same
   labels, scores within 1e-4, boxes within 1e-3 px (ours, torchvision's arithmetic order)
   and 1e-2 px (ours fast, whose folding and layout reorder float sums). Training: the same
@@ -227,13 +232,12 @@ def same_detections(det: dict, ref: dict, box_atol: float) -> tuple[bool, float,
 # ---------------------------------------------------------------------------------- memory
 
 def peak_memory_mb(variant: str, mode: str, size: int, weights: pathlib.Path, device: torch.device,
-                   amp: bool, threads: int) -> float | None:
+                   amp: bool, child_args: list[str]) -> float | None:
     """Peak memory of one inference or training step above the memory before it (see the
     module docstring). CPU: in a fresh subprocess, so that nothing else lives in its heap."""
     if device.type == "cuda":
         return _measure_memory(variant, mode, size, weights, device, amp)
-    cmd = [sys.executable, __file__, "--memory-child", variant, mode, str(size), str(weights),
-           "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--memory-child", variant, mode, str(size), str(weights), *child_args]
     # glibc keeps freed blocks below its mmap threshold (which grows up to 32 MB) in the
     # heap, where they stay resident: returning every block of 64 kB or more to the kernel
     # at free makes resident memory follow the memory in use, run after run.
@@ -288,7 +292,7 @@ def _measure_memory(variant: str, mode: str, size: int, weights: pathlib.Path, d
 
 # ---------------------------------------------------------------------------------- report
 
-def machine_info(device: torch.device) -> dict:
+def machine_info(device: torch.device, flush_denormals: bool) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -299,7 +303,8 @@ def machine_info(device: torch.device) -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "device": str(device)}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "flush_denormals": flush_denormals,
+            "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -315,6 +320,7 @@ def markdown_report(args, machine, date, peak, inference, training, memory, flop
              f"{date}; {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch threads, "
              f"{machine['device']}{', ' + machine['gpu'] if 'gpu' in machine else ''}; torch {machine['torch']}, "
              f"torchvision {machine['torchvision']}; OMP_WAIT_POLICY={machine['omp_wait_policy']}; "
+             f"denormals {'flushed' if machine['flush_denormals'] else 'kept'}; "
              f"{'bf16 autocast; ' if args.amp else ''}median of {args.runs} interleaved runs after a warm-up; "
              f"measured fp32 matmul peak {peak:,.0f} GFLOP/s.",
              "",
@@ -361,12 +367,15 @@ def main(argv=None):
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="do not flush denormal floats to zero (see the module docstring)")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results.md",
                         help="where to write the table (default bench/results.md)")
     parser.add_argument("--memory-child", nargs=4, metavar=("VARIANT", "MODE", "SIZE", "WEIGHTS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_flush_denormal(not args.keep_denormals)
     device = torch.device(args.device)
 
     if args.memory_child:  # a fresh process that measures one variant's peak memory
@@ -379,7 +388,7 @@ def main(argv=None):
     if args.amp and device.type != "cuda":
         parser.error("--amp needs --device cuda (CPU runs stay fp32)")
 
-    machine = machine_info(device)
+    machine = machine_info(device, not args.keep_denormals)
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     print(f"{date}  {machine}")
     peak = matmul_peak_gflops(device)
@@ -443,13 +452,14 @@ def main(argv=None):
 
     # --- peak memory, each variant measured alone
     if not args.no_memory:
+        child_args = ["--threads", str(torch.get_num_threads())] + (["--keep-denormals"] if args.keep_denormals else [])
         for size in args.sizes:
             memory[f"inference {size} px"] = {v: peak_memory_mb(v, "inference", size, weights, device, args.amp,
-                                                                torch.get_num_threads()) for v in VARIANTS}
+                                                                child_args) for v in VARIANTS}
             print(f"peak memory, inference {size} px, MB: {memory[f'inference {size} px']}")
         key = f"training step {train_size} px"
-        memory[key] = {v: peak_memory_mb(v, "training", train_size, weights, device, args.amp,
-                                         torch.get_num_threads()) for v in VARIANTS}
+        memory[key] = {v: peak_memory_mb(v, "training", train_size, weights, device, args.amp, child_args)
+                       for v in VARIANTS}
         print(f"peak memory, {key}, MB: {memory[key]}")
 
     report = markdown_report(args, machine, date, peak, inference, training, memory, flops, parity_lines)
