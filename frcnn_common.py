@@ -1100,6 +1100,13 @@ def _greedy_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, categories:
     Blocks are small on purpose: every tensor op here stays under ATen's parallel grain
     (32768 elements), where handing work to a second thread costs more than it saves.
     """
+    if categories is not None and max_keep is None:
+        # No cut to stop at: each category alone, so that no box is compared with another
+        # category's; then the order one pass over all boxes gives (score, then index).
+        keep = torch.cat([idx[_greedy_nms(boxes[idx], scores[idx], iou_threshold, None, None, block)]
+                          for idx in (torch.where(categories == c)[0] for c in torch.unique(categories))])
+        keep = keep.sort().values
+        return keep[torch.sort(scores[keep], descending=True, stable=True)[1]]
     order = torch.sort(scores, descending=True, stable=True)[1]
     boxes = boxes[order]
     categories = None if categories is None else categories[order]
@@ -1148,6 +1155,12 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, max_keep: int | 
     return _greedy_nms(boxes, scores, iou_threshold, None, max_keep)
 
 
+def _offset_route(boxes: Tensor) -> bool:
+    """torchvision.ops.batched_nms's choice of method: offsets up to 1000 boxes on a CPU
+    (4000 numbers), 25000 on a GPU; one NMS with categories above that."""
+    return boxes.numel() <= (4000 if boxes.device.type == "cpu" else 100_000)
+
+
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *,
                 max_keep: int | None = None) -> Tensor:
     """NMS within each category of `idxs` independently (categories never suppress each other);
@@ -1159,12 +1172,29 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
       its own region of the plane, by an offset larger than any coordinate, so that boxes of
       different categories are disjoint and one NMS does all of them;
     - above that: one NMS over the boxes as they are, where a box only suppresses boxes of
-      its own category.
+      its own category; kept boxes of equal score come in torchvision's order.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000):
-        return _greedy_nms(boxes, scores, iou_threshold, idxs, max_keep)
+    if not _offset_route(boxes):
+        # torchvision's route ends by sorting all the kept boxes with an unstable sort, which
+        # puts equal scores in an order of its own (and training samples RoIs by position).
+        # Without equal scores among the boxes that can rank up to our last one, there is
+        # one order and ours is it; with them, the same call on the same whole kept set, in
+        # index order, reproduces torchvision's. Stopping early is worth a try only when
+        # max_keep is a small part of the boxes (the box head's 100 detections): among
+        # thousands of scores some are equal, and the whole set is then needed after all.
+        early = max_keep is not None and 4 * max_keep <= len(boxes)
+        keep = _greedy_nms(boxes, scores, iou_threshold, idxs, max_keep if early else None)
+        if len(keep) == 0:  # max_keep=0
+            return keep
+        contenders = scores[scores >= scores[keep[-1]]]
+        if len(torch.unique(contenders)) < len(contenders):
+            if early and len(keep) == max_keep:  # stopped early: finish the job
+                keep = _greedy_nms(boxes, scores, iou_threshold, idxs, None)
+            keep = keep.sort().values
+            keep = keep[scores[keep].sort(descending=True)[1]]
+        return keep[:max_keep]
     offsets = idxs.to(boxes) * (boxes.max() + 1)
     return _greedy_nms(boxes + offsets[:, None], scores, iou_threshold, None, max_keep)
 
@@ -1410,8 +1440,15 @@ class RegionProposalNetwork(nn.Module):
     def nms_per_level(self, boxes: Tensor, scores: Tensor, levels: Tensor, max_keep: int | None = None) -> Tensor:
         """NMS with the level as category (a box never suppresses one of another level), indices
         by decreasing score. Only the best max_keep are wanted, and greedy NMS settles boxes in
-        score order, so it stops once it has them: at test time 1000 of ~4700 candidates."""
-        return batched_nms(boxes, scores, levels, self.nms_thresh, max_keep=max_keep)
+        score order, so it can stop once it has them: at test time 1000 of ~4700 candidates.
+
+        Among thousands of sigmoid scores near 1 some are equal to the last bit, and
+        batched_nms then finishes the whole NMS to put them in torchvision's order. Training
+        needs that order (it samples RoIs by position); at test time two proposals of equal
+        score give the same detections in either order, so it stops early regardless."""
+        if self.training or _offset_route(boxes):  # (offsets: no ties to order, no need)
+            return batched_nms(boxes, scores, levels, self.nms_thresh, max_keep=max_keep)
+        return _greedy_nms(boxes, scores, self.nms_thresh, levels, max_keep)
 
     def loss(self, anchors: Tensor, objectness: Tensor, pred_deltas: Tensor, targets) -> dict:
         """Binary cross-entropy on sampled anchors + smooth-L1 (beta 1/9) on the positives,

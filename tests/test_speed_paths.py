@@ -211,3 +211,18 @@ def test_channels_last_training_gives_the_same_losses():
     sum(expected.values()).backward()
     a, b = fast.backbone.body.layer3[0].conv2.weight.grad, model.backbone.body.layer3[0].conv2.weight.grad
     torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("distinct", [3, 50, 100_000])
+def test_batched_nms_puts_equal_scores_in_torchvision_order(distinct):
+    """Above 1000 boxes torchvision sorts the kept boxes with an unstable sort; equal scores
+    (a few distinct values, or the coincidences of thousands of floats) come out in its order."""
+    g = torch.Generator().manual_seed(distinct)
+    n = 4000
+    boxes = random_boxes(n, size=400.0, generator=g, max_wh=120.0)
+    scores = torch.randint(0, distinct, (n,), generator=g).float() / distinct
+    levels = torch.randint(0, 5, (n,), generator=g)
+    expected = torchvision.ops.batched_nms(boxes, scores, levels, 0.7)
+    assert torch.equal(fc.batched_nms(boxes, scores, levels, 0.7), expected)
+    for max_keep in (0, 10, 1000):
+        assert torch.equal(fc.batched_nms(boxes, scores, levels, 0.7, max_keep=max_keep), expected[:max_keep])
