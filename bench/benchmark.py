@@ -276,8 +276,6 @@ def _measure_memory(variant: str, mode: str, size: int, weights: pathlib.Path, d
     else:
         model.train()
         images, targets = to_device(*training_batch(), device)
-        if variant == "torchvision":
-            targets = [dict(t) for t in targets]
         call = training_step_call(model, make_optimizer(model), images, targets, device, amp)
     gc.collect()
     if device.type == "cuda":
@@ -440,9 +438,7 @@ def main(argv=None):
     for name, model in models.items():
         set_min_size(model, train_size)
         model.train()
-        # torchvision's transform writes resized boxes into the target dicts it is given
-        model_targets = [dict(t) for t in targets] if name == "torchvision" else targets
-        calls[name] = training_step_call(model, make_optimizer(model), images, model_targets, device, args.amp)
+        calls[name] = training_step_call(model, make_optimizer(model), images, targets, device, args.amp)
     first = {name: call() for name, call in calls.items()}
     for name in ("ours", "ours fast"):
         diffs = [abs(first[name][k].item() - first["torchvision"][v].item()) / max(abs(first["torchvision"][v].item()), 1e-12)
