@@ -3,7 +3,9 @@
 
 With --full (or FRCNN_FULL_TESTS=1) the notebooks run with PROFILE="cpu" instead."""
 import ast
+import os
 import pathlib
+import re
 import time
 
 import matplotlib.image
@@ -69,14 +71,17 @@ def test_notebook_runs_and_draws_its_figures(path, tmp_path, full_tests):
     started = time.time()
     failure = None
     try:
-        run_notebook(path, profile="cpu" if full_tests else "smoke", out_dir=tmp_path)
+        # figures go to tmp_path/images: a test run must not overwrite the committed figures
+        run_notebook(path, profile="cpu" if full_tests else "smoke", out_dir=tmp_path,
+                     images_dir=tmp_path / "images")
     except NotebookError as err:
         failure = str(err)  # reported outside the except block: the message alone, no traceback
     if failure:
         pytest.fail(failure, pytrace=False)
+    written = sorted(p.name for p in (tmp_path / "images").glob("*.png"))
     for figure in declared_figures(path):
-        png = ROOT / figure
-        assert png.is_file(), f"{path.name} did not write {figure}"
+        png = tmp_path / figure          # figure is "images/NAME.png"
+        assert png.is_file(), f"{path.name} did not write {figure} (it wrote {written})"
         # 1 s of slack for file systems that store whole seconds
         assert png.stat().st_mtime >= started - 1, f"{path.name} did not rewrite {figure} in this run"
         assert_not_blank(png)
@@ -101,8 +106,30 @@ def test_runner_names_the_failing_cell(tmp_path):
     assert (tmp_path / "out" / "99_fails.ipynb").is_file()
 
 
+def test_figures_go_where_the_runner_says(tmp_path):
+    """images_dir reaches the notebook (through FRCNN_IMAGES), and the caller's environment is
+    left as it was."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('PROFILE = "cpu"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import os, pathlib\n"
+                                          "pathlib.Path(os.environ['FRCNN_IMAGES'], 'marker.txt').write_text(PROFILE)")]
+    path = tmp_path / "98_images.ipynb"
+    nbformat.write(nb, str(path))
+    before = os.environ.get("FRCNN_IMAGES")
+    (tmp_path / "figs").mkdir()
+    run_notebook(path, profile="smoke", out_dir=tmp_path / "out", images_dir=tmp_path / "figs")
+    assert (tmp_path / "figs" / "marker.txt").read_text() == "smoke"
+    assert os.environ.get("FRCNN_IMAGES") == before
+
+
 def test_readme_shows_every_figure():
     """The README's gallery shows every figure a notebook declares (the docs match the series)."""
     readme = (ROOT / "README.md").read_text()
     missing = [f for path in NOTEBOOK_PATHS for f in declared_figures(path) if f"]({f})" not in readme]
     assert not missing, f"figures not shown in README.md: {missing}"
+    # and every picture it links is there (a committed figure, not a broken link)
+    linked = re.findall(r"!\[[^\]]*\]\((images/[^)]+)\)", readme)
+    assert linked, "README.md shows no figures"
+    broken = [f for f in linked if not (ROOT / f).is_file()]
+    assert not broken, f"README.md links figures that do not exist: {broken}"

@@ -1,13 +1,16 @@
 """Run the notebooks headless with papermill: the one runner behind `make run` and the tests.
 
-    python tools/run_notebooks.py [--profile smoke|cpu|full] [--out DIR] [NOTEBOOK_OR_GLOB ...]
+    python tools/run_notebooks.py [--profile smoke|cpu|full] [--out DIR] [--images DIR] [NOTEBOOK_OR_GLOB ...]
 
 With no notebook named, every notebooks/*.ipynb runs, in name order (the series is numbered, and
 a later notebook may read what an earlier one wrote, as 06 reads 05's checkpoint). Each notebook
 runs with the repository root as its working directory, on the `python3` kernel, with the
 papermill parameter PROFILE set; the executed copy (with its outputs) goes to DIR
 (build/notebooks/ by default, which git ignores), so the committed notebooks stay output-free.
-The figures a notebook draws land in images/ under the repository root, as in a manual run.
+The figures a notebook draws land in images/ under the repository root, as in a manual run,
+or in the folder that --images (images_dir) names: the notebooks read it from the environment
+variable FRCNN_IMAGES. The tests send their smoke figures there, so a test run never overwrites
+the committed figures of a `make run`.
 
 The first failing notebook stops the run: the runner names the notebook, the failing cell
 (its index in the notebook as committed, and the first line of its source) and the exception,
@@ -23,6 +26,7 @@ so that tests/test_notebooks.py can check, after a run, that each one was writte
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -64,9 +68,10 @@ def _source_cell_index(nb: nbformat.NotebookNode, executed_index: int) -> int | 
 
 
 def run_notebook(path: str | pathlib.Path, *, profile: str, out_dir: str | pathlib.Path = DEFAULT_OUT,
-                 parameters: dict | None = None) -> float:
+                 parameters: dict | None = None, images_dir: str | pathlib.Path | None = None) -> float:
     """Execute one notebook with PROFILE=`profile` (plus any other `parameters`) from the
     repository root; write the executed copy to `out_dir`; return the wall time in seconds.
+    images_dir: where the notebook's figures go (default: the repository's images/).
 
     Raises NotebookError, with a one-paragraph message, when a cell fails or the kernel dies.
     """
@@ -82,6 +87,10 @@ def run_notebook(path: str | pathlib.Path, *, profile: str, out_dir: str | pathl
     out_path = out_dir / path.name
     name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
+    # The kernel inherits this process's environment: that is how the notebook learns images_dir.
+    saved_images_env = os.environ.get("FRCNN_IMAGES")
+    if images_dir is not None:
+        os.environ["FRCNN_IMAGES"] = str(pathlib.Path(images_dir).resolve())
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
@@ -102,6 +111,12 @@ def run_notebook(path: str | pathlib.Path, *, profile: str, out_dir: str | pathl
         ) from None
     except Exception as err:  # a dead kernel, a timeout, an unreadable notebook
         raise NotebookError(f"{name} did not run: {type(err).__name__}: {err}") from None
+    finally:
+        if images_dir is not None:
+            if saved_images_env is None:
+                os.environ.pop("FRCNN_IMAGES", None)
+            else:
+                os.environ["FRCNN_IMAGES"] = saved_images_env
     return time.perf_counter() - start
 
 
@@ -131,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="smoke: seconds (tests); cpu: minutes on a laptop (default); full: GPU")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help="where the executed copies go (default: build/notebooks/)")
+    parser.add_argument("--images", default=None,
+                        help="where the figures go (default: images/ under the repository root)")
     parser.add_argument("notebooks", nargs="*", help="notebook names or globs (default: all, in order)")
     args = parser.parse_args(argv)
 
@@ -142,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in notebooks:
         print(f"{path.name:<28} PROFILE={args.profile} ...", end=" ", flush=True)
         try:
-            seconds = run_notebook(path, profile=args.profile, out_dir=args.out)
+            seconds = run_notebook(path, profile=args.profile, out_dir=args.out, images_dir=args.images)
         except NotebookError as err:
             print("FAILED")
             print(f"run_notebooks: {err}", file=sys.stderr)
