@@ -92,16 +92,15 @@ class DatasetWarning(UserWarning):
 
 # ---- the embedded "shapes" dataset -----------------------------------------------------------
 
-SHAPES_CLASSES = ("__background__", "circle", "square", "triangle", "star", "hexagon",
-                  "ellipse", "cross")
+SHAPES_CLASSES = ("__background__", "circle", "square", "triangle", "star", "ellipse", "cross")
 
 # Bump _SHAPES_VERSION whenever the drawing code changes, so that old builds are redrawn.
-_SHAPES_VERSION = 1
+_SHAPES_VERSION = 3
 _SHAPES_SIDE = (160, 320)        # image width and height are drawn from this range (px)
 _SHAPES_MIN_OBJECT = 8           # smallest object, longer side in px
 _SHAPES_MAX_OBJECTS = 10
 _SHAPES_EMPTY_FRACTION = 0.05    # images with no objects at all: negatives the model must learn
-_SHAPES_MIN_VISIBLE = 0.3        # an object stays at least this visible, or it is not drawn
+_SHAPES_MIN_VISIBLE = 0.5        # an object stays at least this visible, or it is not drawn
 
 
 def _shape_outline(name, rng):
@@ -118,9 +117,6 @@ def _shape_outline(name, rng):
         t = np.linspace(-np.pi / 2, 1.5 * np.pi, 10, endpoint=False)
         r = np.where(np.arange(10) % 2 == 0, 1.0, rng.uniform(0.38, 0.5))
         pts = np.stack([r * np.cos(t), r * np.sin(t)], 1)
-    elif name == "hexagon":
-        t = np.linspace(0, 2 * np.pi, 6, endpoint=False)
-        pts = np.stack([np.cos(t), np.sin(t)], 1)
     elif name == "cross":
         a = rng.uniform(0.3, 0.45)   # arm half-thickness, relative to the half-size 1
         pts = np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1],
@@ -129,14 +125,14 @@ def _shape_outline(name, rng):
         raise ValueError(f"unknown shape {name!r}")
     # Aspect ratio (width / height of the unrotated shape) and rotation, per class: circles and
     # squares keep their aspect, ellipses never look like circles, the rest stretch a little.
-    aspect = {"circle": 1.0, "square": 1.0, "hexagon": 1.0,
+    aspect = {"circle": 1.0, "square": 1.0,
               "ellipse": math.exp(rng.uniform(math.log(1.7), math.log(3.2))),
               "triangle": math.exp(rng.uniform(-0.5, 0.5)),
               "star": math.exp(rng.uniform(-0.25, 0.25)),
               "cross": math.exp(rng.uniform(-0.5, 0.5))}[name]
     rotation = {"circle": 0.0, "square": rng.uniform(-30, 30), "triangle": rng.uniform(0, 360),
-                "star": rng.uniform(0, 72), "hexagon": rng.uniform(0, 60),
-                "ellipse": rng.uniform(0, 180), "cross": rng.uniform(-20, 20)}[name]
+                "star": rng.uniform(0, 72), "ellipse": rng.uniform(0, 180),
+                "cross": rng.uniform(-20, 20)}[name]
     pts = pts * [aspect, 1.0]
     pts = (pts - (pts.min(0) + pts.max(0)) / 2) / np.ptp(pts, 0).max()
     c, s = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
@@ -1994,6 +1990,8 @@ class TrainConfig:
     schedule: str = "step"           # "step" (x0.1 at 2/3 and 8/9 of training) or "cosine"
     clip_grad_norm: float = 10.0     # 0 disables
     amp: bool = True                 # mixed precision (bf16) on CUDA; ignored on CPU
+    channels_last: bool = True       # NHWC weights and feature maps: the layout the CPU's and the
+                                     # GPU's convolution kernels run fastest (12% a step on 2 cores)
     # --- bookkeeping
     seed: int = 0
     num_workers: int | None = None   # None: make_data_loader's default
@@ -2016,7 +2014,7 @@ PROFILES = {
                        min_size=256, max_size=400, anchor_sizes=(16, 32, 64, 128, 256),
                        rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
                        rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
-                       box_batch_size_per_image=128, epochs=6, batch_size=4, optimizer="adamw",
+                       box_batch_size_per_image=128, epochs=7, batch_size=4, optimizer="adamw",
                        lr=2e-3, weight_decay=1e-4, warmup_iters=200, schedule="cosine", amp=False),
     "full": TrainConfig(),
 }
@@ -2276,7 +2274,7 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
             model = build_model(cfg, len(class_names))
             if rank == 0:
                 print("training the backbone from scratch, with trainable BatchNorm")
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if cfg.optimizer == "sgd" and world > 1:  # the linear scaling rule (Goyal et al., 2017)
         cfg = replace(cfg, lr=cfg.lr * world)
     optimizer = make_optimizer(cfg, model)
