@@ -316,7 +316,7 @@ def fmt(x, digits=0):
 
 
 def markdown_report(args, machine, date, peak, inference, training, memory, flops, parity_lines) -> str:
-    lines = [f"## Speed: ours against torchvision's fasterrcnn_resnet50_fpn",
+    lines = [f"### Ours against torchvision's fasterrcnn_resnet50_fpn",
              "",
              f"{date}; {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch threads, "
              f"{machine['device']}{', ' + machine['gpu'] if 'gpu' in machine else ''}; torch {machine['torch']}, "

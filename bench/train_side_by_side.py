@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/side_by_side")
     args = parser.parse_args(argv)
     cfg = fc.PROFILES[args.profile]
+    # One process on both sides (torchvision's detector is passed in as an object, which the
+    # cpu profile's DDP processes cannot share), with the profile's batch across all processes.
+    cfg = replace(cfg, batch_size=cfg.batch_size * cfg.cpu_processes, cpu_processes=1)
     if args.epochs:
         cfg = replace(cfg, epochs=args.epochs)
     out = fc.resolve(args.out)

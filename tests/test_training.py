@@ -38,6 +38,7 @@ def test_train_writes_checkpoints_and_metrics(smoke_run):
     saved = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in saved["epochs"]] == [1, 2]
     steps = SMOKE.epochs * (SMOKE.max_train_images // SMOKE.batch_size)
+    assert saved["processes"] == 1 and saved["total_steps"] == steps
     for key in ("rpn_objectness", "rpn_box", "roi_classifier", "roi_box", "lr", "loss"):
         assert len(saved["history"][key]) == steps
     assert all(0.0 <= e["AP50"] <= 1.0 or e["AP50"] == -1 for e in saved["epochs"])
@@ -194,6 +195,25 @@ def test_torchrun_two_processes_train(tmp_path):
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_cpu_processes_train_as_ddp_without_torchrun(tmp_path, capsys):
+    """cfg.cpu_processes = 2 on a CPU: train() spawns the second rank itself and the run is DDP
+    (each process half of each step's images), leaving this process's settings as they were."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    threads = torch.get_num_threads()
+    cfg = replace(SMOKE, cpu_processes=2, batch_size=2, epochs=1)
+    result = fc.train(cfg, out_dir=tmp_path, device="cpu")
+    assert "training in 2 processes" in capsys.readouterr().out
+    assert result["processes"] == 2
+    assert result["total_steps"] == len(result["history"]["step"]) == cfg.max_train_images // 4
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["processes"] == 2 and [e["epoch"] for e in saved["epochs"]] == [1]
+    assert "WORLD_SIZE" not in os.environ and not torch.distributed.is_initialized()
+    assert torch.get_num_threads() == threads
+    fc.load_checkpoint(tmp_path / "last.pt")
 
 
 # ------------------------------------------------------------------------------------- CLI
