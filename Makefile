@@ -5,7 +5,7 @@ PYTHON  := .venv/bin/python
 PROFILE ?= cpu
 STAMP   := .venv/.installed
 
-.PHONY: venv run test lab bench clean
+.PHONY: venv run results side-by-side test lab bench clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,17 @@ $(STAMP): requirements.txt
 # `make run PROFILE=smoke` for a quick pass, `make run PROFILE=full` on a GPU.
 run: venv
 	$(PYTHON) tools/run_notebooks.py --profile $(PROFILE)
+	@if [ "$(PROFILE)" = cpu ]; then $(MAKE) --no-print-directory results; fi
+
+# README's results section, from the last cpu run's runs/cpu/metrics.json (`make run` calls it).
+results: venv
+	$(PYTHON) tools/results_table.py results
+
+# Ours against torchvision's detection heads, trained the same way (two cpu-profile trainings,
+# about half an hour on 2 cores); rewrites bench/side_by_side.json and README's table of it.
+side-by-side: venv
+	$(PYTHON) bench/train_side_by_side.py --profile cpu
+	$(PYTHON) tools/results_table.py side-by-side
 
 test: venv
 	$(PYTHON) -m pytest tests

@@ -234,14 +234,16 @@ def _draw_shapes_image(rng, class_names):
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), annotations, owner
 
 
-def _write_json_atomic(path, obj):
-    """Write JSON to a temporary file, then rename: a kill never leaves half a file."""
+def _write_json_atomic(path, obj, *, indent: int | None = None):
+    """Write JSON to a temporary file, then rename: a kill never leaves half a file.
+    Compact unless indent is given (files meant to be read and diffed)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")))
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n" if indent else json.dumps(obj, separators=(",", ":")))
     os.replace(tmp, path)
 
 
-def build_shapes_dataset(root="data/shapes", *, seed=0, num_train=1000, num_val=200, force=False):
+def build_shapes_dataset(root="data/shapes", *, seed=0, num_train=1000, num_val=200, force=False,
+                         quiet=False):
     """Draw the embedded dataset and write it in COCO format; return root (pathlib.Path).
 
     root/train/000001.png ...   root/val/000001.png ...
@@ -249,7 +251,7 @@ def build_shapes_dataset(root="data/shapes", *, seed=0, num_train=1000, num_val=
     root/manifest.json          the settings of a complete build, written last
 
     Deterministic: the same seed and counts give the same bytes. Idempotent: a complete build
-    with the same settings is reused (force=True redraws it).
+    with the same settings is reused (force=True redraws it); quiet=True says nothing when it is.
     """
     root = pathlib.Path(root)
     manifest = {"version": _SHAPES_VERSION, "seed": int(seed), "num_train": int(num_train),
@@ -266,7 +268,8 @@ def build_shapes_dataset(root="data/shapes", *, seed=0, num_train=1000, num_val=
             and all((root / split / f"{i:06d}.png").exists() for i in range(1, n + 1))
             for split, n in counts.items())
         if complete:
-            print(f"shapes dataset: reusing {root} ({num_train} train + {num_val} val images, seed {seed})")
+            if not quiet:
+                print(f"shapes dataset: reusing {root} ({num_train} train + {num_val} val images, seed {seed})")
             return root
     manifest_file.unlink(missing_ok=True)                       # incomplete until written again
     start = time.perf_counter()
@@ -2077,11 +2080,12 @@ def resolve(path) -> pathlib.Path:
     return path if path.is_absolute() else ROOT / path
 
 
-def make_datasets(cfg: TrainConfig, *, data_root=None):
-    """(train set with flips, validation set) for cfg.data; the embedded set is built on first use."""
+def make_datasets(cfg: TrainConfig, *, data_root=None, quiet=False):
+    """(train set with flips, validation set) for cfg.data; the embedded set is built on first use
+    (quiet=True: no message when it is reused)."""
     root = resolve(data_root or cfg.data_root)
     if cfg.data == "shapes":
-        root = build_shapes_dataset(root, num_train=cfg.num_train, num_val=cfg.num_val)
+        root = build_shapes_dataset(root, num_train=cfg.num_train, num_val=cfg.num_val, quiet=quiet)
         train = CocoDetection(root / "train", root / "annotations" / "instances_train.json",
                               transforms=RandomHorizontalFlip(0.5))
         val = CocoDetection(root / "val", root / "annotations" / "instances_val.json")
@@ -2267,8 +2271,8 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
         train_set, val_set = make_datasets(cfg, data_root=data_root)
     if world > 1:
         dist.barrier()
-    if rank != 0:
-        train_set, val_set = make_datasets(cfg, data_root=data_root)
+    if rank != 0:  # rank 0 has said what it built or reused
+        train_set, val_set = make_datasets(cfg, data_root=data_root, quiet=True)
     train_set, val_set = subset(train_set, cfg.max_train_images), subset(val_set, cfg.max_val_images)
     class_names = list(train_set.class_names)
 

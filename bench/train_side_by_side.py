@@ -6,15 +6,19 @@ detection machinery differs, ours (anchors, RPN, RoIAlign heads, all from scratc
 torchvision's (its GeneralizedRCNNTransform, RPN, MultiScaleRoIAlign and RoIHeads).
 
     python bench/train_side_by_side.py --profile cpu [--epochs N] [--out runs/side_by_side]
+    make side-by-side          # the same for the cpu profile, then README's side-by-side table
 
-Prints a table and one JSON line: {"ours": {...}, "torchvision": {...}, "epochs": N}.
+Prints a table and one JSON line: {"ours": {...}, "torchvision": {...}, "epochs": N, ...}; with the
+`cpu` profile at its own number of epochs it also writes that to bench/side_by_side.json, which
+tools/results_table.py turns into README's table.
 """
 import argparse
+import datetime
 import json
 import pathlib
 import sys
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -75,10 +79,10 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--out", default="runs/side_by_side")
     args = parser.parse_args(argv)
-    cfg = fc.PROFILES[args.profile]
+    profile_cfg = fc.PROFILES[args.profile]
     # One process on both sides (torchvision's detector is passed in as an object, which the
     # cpu profile's DDP processes cannot share), with the profile's batch across all processes.
-    cfg = replace(cfg, batch_size=cfg.batch_size * cfg.cpu_processes, cpu_processes=1)
+    cfg = replace(profile_cfg, batch_size=profile_cfg.batch_size * profile_cfg.cpu_processes, cpu_processes=1)
     if args.epochs:
         cfg = replace(cfg, epochs=args.epochs)
     out = fc.resolve(args.out)
@@ -89,11 +93,20 @@ def main(argv=None) -> int:
         model = torchvision_detector(cfg, num_classes) if model == "tv" else None
         metrics = fc.train(cfg, out_dir=out / name, model=model)
         last = metrics["epochs"][-1]
-        results[name] = {k: last[k] for k in ("AP", "AP50", "AP75")} | {"train_seconds": metrics["train_seconds"]}
+        results[name] = {k: last[k] for k in fc.COCO_METRIC_KEYS} | {"train_seconds": metrics["train_seconds"]}
     print(f"\n{'':12} {'AP':>6} {'AP50':>6} {'AP75':>6} {'train s':>8}")
     for name, r in results.items():
         print(f"{name:12} {r['AP']:6.3f} {r['AP50']:6.3f} {r['AP75']:6.3f} {r['train_seconds']:8.0f}")
-    print(json.dumps({**results, "epochs": cfg.epochs, "profile": args.profile}))
+    from tools.results_table import machine
+    command = "python bench/train_side_by_side.py --profile " + args.profile + (f" --epochs {args.epochs}" if args.epochs else "")
+    summary = {**results, "epochs": cfg.epochs, "profile": args.profile, "command": command,
+               "date": datetime.date.today().isoformat(), "machine": machine(),
+               "config": json.loads(json.dumps(asdict(cfg))),
+               "profile_config": json.loads(json.dumps(asdict(profile_cfg)))}
+    print(json.dumps(summary))
+    if args.profile == "cpu" and cfg.epochs == profile_cfg.epochs:
+        fc._write_json_atomic(ROOT / "bench" / "side_by_side.json", summary, indent=1)
+        print(f"wrote {ROOT / 'bench' / 'side_by_side.json'}")
     return 0
 
 

@@ -75,6 +75,8 @@ def test_shapes_build_is_idempotent(tmp_path, capsys):
     capsys.readouterr()
     assert fc.build_shapes_dataset(tmp_path / "s", num_train=6, num_val=2) == root
     assert "reusing" in capsys.readouterr().out
+    assert fc.build_shapes_dataset(tmp_path / "s", num_train=6, num_val=2, quiet=True) == root
+    assert capsys.readouterr().out == ""          # what a second DDP rank calls
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps
 
     # A smaller build replaces the larger one and leaves no stale image behind.

@@ -22,10 +22,14 @@ repository root, in its notebook metadata,
     nb.metadata["frcnn"]["figures"] = ["images/fpn_features.png", "images/activation_histograms.png"]
 
 so that tests/test_notebooks.py can check, after a run, that each one was written and is not blank.
+After a notebook runs, the runner enters the figures it wrote in images/manifest.json (in the
+figures' folder): the notebook, the profile, and a fingerprint of what gives each figure its
+meaning, which tools/results_guard.py checks against the current code.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -37,6 +41,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 DEFAULT_OUT = ROOT / "build" / "notebooks"
 PROFILES = ("smoke", "cpu", "full")
+if str(ROOT) not in sys.path:      # `python tools/run_notebooks.py` puts tools/ there, not the root
+    sys.path.insert(0, str(ROOT))
 
 
 class NotebookError(RuntimeError):
@@ -91,7 +97,7 @@ def run_notebook(path: str | pathlib.Path, *, profile: str, out_dir: str | pathl
     saved_images_env = os.environ.get("FRCNN_IMAGES")
     if images_dir is not None:
         os.environ["FRCNN_IMAGES"] = str(pathlib.Path(images_dir).resolve())
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     try:
         papermill.execute_notebook(
             str(path), str(out_path),
@@ -117,7 +123,16 @@ def run_notebook(path: str | pathlib.Path, *, profile: str, out_dir: str | pathl
                 os.environ.pop("FRCNN_IMAGES", None)
             else:
                 os.environ["FRCNN_IMAGES"] = saved_images_env
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    # What the figures just drawn describe: images/manifest.json (tools/results_guard.py).
+    from tools.results_guard import record
+    images = pathlib.Path(images_dir) if images_dir is not None else ROOT / "images"
+    drawn = [f for f in declared_figures(path)
+             if (images / pathlib.Path(f).name).is_file()
+             and (images / pathlib.Path(f).name).stat().st_mtime >= started_at - 1]
+    if drawn:
+        record(images, path, drawn, profile, parameters)
+    return seconds
 
 
 def find_notebooks(patterns: list[str]) -> list[pathlib.Path]:
@@ -155,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if not notebooks:
         print(f"run_notebooks: no notebooks in {NOTEBOOKS}", file=sys.stderr)
         return 1
-    total = 0.0
+    total, timings = 0.0, {}
     for path in notebooks:
         print(f"{path.name:<28} PROFILE={args.profile} ...", end=" ", flush=True)
         try:
@@ -165,8 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run_notebooks: {err}", file=sys.stderr)
             return 1
         total += seconds
+        timings[path.name] = round(seconds, 1)
         print(f"{seconds:7.1f} s")
     print(f"{len(notebooks)} notebook(s) in {total:.1f} s; executed copies in {args.out}")
+    # what `make results` quotes as the series' wall time (tools/results_table.py)
+    # complete: the whole series ran, so total_seconds is the wall time of `make run`
+    (pathlib.Path(args.out) / "timings.json").write_text(json.dumps(
+        {"profile": args.profile, "notebooks": timings, "total_seconds": round(total, 1),
+         "complete": not args.notebooks}, indent=1) + "\n")
     return 0
 
 

@@ -1,0 +1,165 @@
+"""Results that describe the code: the figures' manifest, README's generated results sections,
+and the guard that fails when either no longer matches the code (tools/results_guard.py)."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+
+import nbformat
+import pytest
+
+import frcnn_common as fc
+from tools import results_guard, results_table
+from tools.run_notebooks import ROOT, run_notebook
+
+
+def test_committed_figures_describe_the_code():
+    problems = results_guard.stale_figures()
+    assert not problems, "stale figures:\n" + "\n".join(problems)
+
+
+def test_readme_results_describe_the_code():
+    problems = results_guard.stale_sections((ROOT / "README.md").read_text())
+    assert not problems, "\n".join(problems)
+
+
+def copy_of_the_project(tmp_path):
+    """What the guard reads, copied: the module, the tools, the notebooks, the manifest, README."""
+    root = tmp_path / "project"
+    (root / "images").mkdir(parents=True)
+    shutil.copy(ROOT / "frcnn_common.py", root)
+    shutil.copy(ROOT / "README.md", root)
+    shutil.copy(ROOT / "images" / "manifest.json", root / "images")
+    shutil.copytree(ROOT / "tools", root / "tools", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "notebooks", root / "notebooks")
+    return root
+
+
+def run_guard(root):
+    done = subprocess.run([sys.executable, "tools/results_guard.py"], cwd=root, capture_output=True, text=True)
+    return done.returncode, done.stdout + done.stderr
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} is not in {path.name} exactly once"
+    path.write_text(text.replace(old, new))
+
+
+def test_guard_fails_when_the_code_changes(tmp_path):
+    """In a copy of the project: the guard passes as committed, and fails, naming each stale figure,
+    what changed and the command that redraws it, after a profile setting, the class list or a
+    notebook's code changes."""
+    root = copy_of_the_project(tmp_path)
+    module, original = root / "frcnn_common.py", (root / "frcnn_common.py").read_text()
+    code, out = run_guard(root)
+    assert code == 0, out
+
+    cpu = fc.PROFILES["cpu"]
+    edit(module, f"epochs={cpu.epochs}, batch_size={cpu.batch_size}, cpu_processes=",
+         f"epochs={cpu.epochs + 1}, batch_size={cpu.batch_size}, cpu_processes=")
+    code, out = run_guard(root)
+    assert code == 1
+    assert ("stale: images/loss_curves.png (notebooks/05_training.ipynb, drawn " in out
+            and "): the cpu profile's settings changed; regenerate: make run (or .venv/bin/python "
+                "tools/run_notebooks.py --profile cpu 05_training)" in out), out
+    figures = [f for f in json.loads((root / "images" / "manifest.json").read_text())]
+    assert all(f"stale: {f} (" in out for f in figures), "every figure depends on the profile"
+    assert "README.md's 'results' section: the cpu profile's settings changed since it was measured; " \
+           "regenerate: make run" in out
+
+    module.write_text(original)
+    edit(module, '"star", "ellipse", "cross")', '"star", "ellipse", "plus")')
+    code, out = run_guard(root)
+    assert code == 1 and "the embedded dataset's classes or generator changed" in out, out
+    assert "the cpu profile's settings changed" not in out
+
+    module.write_text(original)
+    notebook = root / "notebooks" / "02_backbone.ipynb"
+    nb = nbformat.read(str(notebook), as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("print('one more cell')"))
+    nbformat.write(nb, str(notebook))
+    code, out = run_guard(root)
+    stale = re.findall(r"stale: (\S+) \(notebooks/02_backbone.ipynb, drawn [^)]*\): the notebook's code changed;", out)
+    assert code == 1 and sorted(stale) == sorted(nb.metadata["frcnn"]["figures"]), out
+    assert out.count("stale: ") == len(stale), "only the changed notebook's figures"
+
+
+def test_guard_names_missing_and_foreign_figures(tmp_path):
+    root = copy_of_the_project(tmp_path)
+    manifest = json.loads((root / "images" / "manifest.json").read_text())
+    drawn = manifest.pop("images/flip.png")
+    manifest["images/hexagons.png"] = drawn
+    manifest["images/data_samples.png"] = {**drawn, "profile": "smoke"}
+    (root / "images" / "manifest.json").write_text(json.dumps(manifest))
+    problems = results_guard.stale_figures(root / "images", root / "notebooks")
+    assert any(p.startswith("images/flip.png: not in manifest.json") for p in problems), problems
+    assert any(p.startswith("images/hexagons.png: no notebook declares it") for p in problems), problems
+    assert any(p.startswith("images/data_samples.png (notebooks/01_data.ipynb") and
+               "drawn with PROFILE=smoke, not cpu" in p for p in problems), problems
+    assert len(problems) == 3, problems
+
+
+def test_runner_records_what_each_figure_describes(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["frcnn"] = {"figures": ["images/one.png", "images/never_drawn.png"]}
+    nb.cells = [nbformat.v4.new_code_cell('PROFILE = "cpu"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import os, pathlib\n"
+                                          "pathlib.Path(os.environ['FRCNN_IMAGES'], 'one.png').write_bytes(b'png')")]
+    path = tmp_path / "97_draws.ipynb"
+    nbformat.write(nb, str(path))
+    run_notebook(path, profile="smoke", out_dir=tmp_path / "out", images_dir=tmp_path / "figs")
+    manifest = json.loads((tmp_path / "figs" / "manifest.json").read_text())
+    assert list(manifest) == ["images/one.png"]               # only what the run drew
+    entry = manifest["images/one.png"]
+    assert entry["profile"] == "smoke" and entry["notebook"] == str(path.resolve())
+    assert entry["fingerprint"] == results_guard.fingerprint(path, "smoke")
+
+
+def fake_metrics(**changes):
+    cfg = json.loads(json.dumps(asdict(fc.PROFILES["cpu"]))) | changes
+    epochs = [{"epoch": e, **{k: 0.1 * e + i / 100 for i, k in enumerate(fc.COCO_METRIC_KEYS)},
+               "train_seconds": 50.0 * e} for e in (1, 2)]
+    return {"config": cfg, "class_names": list(fc.SHAPES_CLASSES), "epochs": epochs,
+            "train_seconds": 100.0, "processes": 2, "total_steps": 500}
+
+
+def test_results_section_is_written_from_metrics_json(tmp_path):
+    """`make results`: metrics.json -> README's results section, one row per epoch, with the
+    fingerprint line; the rest of README untouched."""
+    (tmp_path / "metrics.json").write_text(json.dumps(fake_metrics()))
+    (tmp_path / "timings.json").write_text(json.dumps({"profile": "cpu", "total_seconds": 360.0, "complete": True}))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- begin results -->\nold\n<!-- end results -->\nafter\n")
+    results_table.main(["results", str(tmp_path / "metrics.json"), "--timings", str(tmp_path / "timings.json"),
+                        "--readme", str(readme)])
+    text = readme.read_text()
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert rows == ["| 1 | 0.100 | 0.110 | 0.120 | 0.130 | 0.140 | 0.150 | 0.180 | 50 |",
+                    "| 2 | 0.200 | 0.210 | 0.220 | 0.230 | 0.240 | 0.250 | 0.280 | 100 |"]
+    assert "100 s of training" in text and "6.0 minutes" in text and "2 processes x 2 images" in text
+    assert text.startswith("intro\n<!-- begin results -->\nMeasured on ") and text.endswith("<!-- end results -->\nafter\n")
+    assert "old" not in text
+    assert results_guard.fingerprint_line() in text
+
+
+def test_results_refuse_a_run_of_other_settings(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps(fake_metrics(epochs=7)))
+    with pytest.raises(SystemExit, match=r"not trained with the cpu profile as it is now: epochs 7 \(now 10\)"):
+        results_table.main(["results", str(tmp_path / "metrics.json"), "--readme", str(tmp_path / "README.md")])
+
+
+def test_stale_readme_section_is_named():
+    line = results_guard.fingerprint_line()
+    current = "<!-- begin results -->\nx\n" + line + "\n<!-- end results -->\n"
+    side = "<!-- begin side_by_side -->\ny\n" + line + "\n<!-- end side_by_side -->\n"
+    assert results_guard.stale_sections(current + side) == []
+    old = line.replace(json.dumps(results_guard.profile_fingerprint("cpu"), sort_keys=True),
+                       json.dumps({"dataset": results_guard.profile_fingerprint("cpu")["dataset"], "profile": "0"}))
+    assert results_guard.stale_sections(current.replace(line, old) + side) == [
+        "README.md's 'results' section: the cpu profile's settings changed since it was measured; regenerate: make run"]
+    assert results_guard.stale_sections(current) == [
+        "README.md's 'side_by_side' section records no fingerprint; regenerate: make side-by-side"]
