@@ -2233,63 +2233,104 @@ def evaluate_model(model: nn.Module, dataset, *, device, batch_size: int = 4, pr
     return metrics
 
 
-def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=None, data_root=None,
-          stop_after_epochs: int | None = None, progress: bool = True, deterministic: bool = False,
-          model: nn.Module | None = None) -> dict:
-    """Train a detector as cfg says; write out_dir/last.pt, best.pt and metrics.json.
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, *, device,
+                    history: dict, clip_grad_norm: float = 0.0, max_bad_steps: int = 5, amp: bool = False,
+                    world: int = 1, desc: str = "epoch", progress: bool = True) -> None:
+    """One pass over the loader, one optimiser step a batch; each step's losses and learning rate
+    are appended to `history`. The whole loop of the lesson: forward, guard, backward, clip, step."""
+    model.train()
+    bad_steps = 0
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    for images, targets in bar:
+        images = [img.to(device, non_blocking=True) for img in images]      # N x (3, H_i, W_i)
+        ids = [t["image_id"] for t in targets]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in trainable_targets(targets)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):   # bf16 on a GPU only
+            losses = model(images, targets)                   # the four named losses (Ren et al., Eq. 1)
+        loss = sum(losses.values())
 
-    Every epoch: the training set in a seeded order (so a resumed run sees the same batches),
-    the four losses and the learning rate logged per step, then validation AP. A non-finite
-    loss skips its step, naming the batch's images; cfg.max_bad_steps of them in a row stop
-    the run, with the last good checkpoint intact. stop_after_epochs ends this call early (as
-    a kill would) without changing the schedule: `resume=True` continues the same run.
-    `model` replaces the one cfg describes (same call signature and loss names; the side-by-side
-    benchmark passes torchvision's detector here). deterministic=True makes a CPU run
-    repeatable to the last bit (one thread, deterministic kernels: multi-threaded reductions
-    add in a varying order), so that a resumed run ends with exactly the weights of an
-    uninterrupted one. It sets both process-wide.
-    Returns the metrics that metrics.json holds.
-    """
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.set_num_threads(1)
-    device = torch.device(device) if device else DEVICE
-    processes = min(cfg.cpu_processes, os.cpu_count() or 1)
-    if device.type == "cpu" and processes > 1 and "WORLD_SIZE" not in os.environ and model is None \
-            and not deterministic:
-        return _train_on_cpu_processes(processes, cfg, out_dir=out_dir, resume=resume, device=device,
-                                       data_root=data_root, stop_after_epochs=stop_after_epochs,
-                                       progress=progress)
+        # A non-finite loss would poison every weight through the optimiser's state: skip the step
+        # (on every process together, so DDP's processes stay in step), and stop after a run of them.
+        finite = torch.isfinite(loss).to(torch.float32)
+        if world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 0:
+            bad_steps += 1
+            if world == 1 or dist.get_rank() == 0:
+                print(f"non-finite loss at step {len(history['step'])} (images {ids}): step skipped")
+            optimizer.zero_grad(set_to_none=True)
+            if bad_steps >= max_bad_steps:
+                raise TrainingDiverged(f"{bad_steps} non-finite losses in a row")
+            continue
+        bad_steps = 0
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()                                       # DDP averages the gradients here
+        if clip_grad_norm > 0:                                # cap the rare huge step, keep its direction
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+        history["step"].append(len(history["step"]))
+        history["lr"].append(optimizer.param_groups[0]["lr"])
+        scheduler.step()                                      # the schedule counts steps, not epochs
+        for name, value in losses.items():
+            history[name].append(value.item())
+        history["loss"].append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{history['lr'][-1]:.2e}")
+
+
+@dataclass
+class TrainingRun:
+    """Everything train() carries from one epoch to the next, and what a checkpoint restores."""
+    cfg: TrainConfig
+    model: nn.Module                 # the model itself (checkpoints, evaluation)
+    net: nn.Module                   # what the loop calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset
+    class_names: list
+    out_dir: pathlib.Path
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    total_steps: int = 0
+    history: dict = field(default_factory=lambda: {k: [] for k in (
+        "step", "lr", "rpn_objectness", "rpn_box", "roi_classifier", "roi_box", "loss")})
+    epochs: list = field(default_factory=list)   # per-epoch validation metrics
+    best_ap: float = -1.0
+    epoch: int = 0                               # epochs finished
+    train_seconds: float = 0.0
+
+    def summary(self) -> dict:
+        """What metrics.json holds, and train() returns."""
+        return {"config": asdict(self.cfg), "class_names": self.class_names, "epochs": self.epochs,
+                "history": self.history, "best_ap": self.best_ap, "train_seconds": self.train_seconds,
+                "processes": self.world, "total_steps": self.total_steps}
+
+
+def setup_run(cfg: TrainConfig, *, out_dir, resume: bool, device, data_root=None,
+              model: nn.Module | None = None) -> TrainingRun:
+    """The datasets, the model (ImageNet weights where the profile asks), the optimiser and its
+    schedule, DDP when this process is one of several; the state of last.pt when resuming."""
     rank, world = _distributed(device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    out_dir = resolve(out_dir)
     seed_everything(cfg.seed + rank)
-    # The dataset is built (when missing) by rank 0 only; the others wait for it.
+    # The dataset is built (when missing) by rank 0 only; the others wait for it, then read it quietly.
     if rank == 0:
         train_set, val_set = make_datasets(cfg, data_root=data_root)
     if world > 1:
         dist.barrier()
-    if rank != 0:  # rank 0 has said what it built or reused
+    if rank != 0:
         train_set, val_set = make_datasets(cfg, data_root=data_root, quiet=True)
     train_set, val_set = subset(train_set, cfg.max_train_images), subset(val_set, cfg.max_val_images)
     class_names = list(train_set.class_names)
 
-    if model is None:
-        model = build_model(cfg, len(class_names))
-    last = out_dir / "last.pt"
+    last = resolve(out_dir) / "last.pt"
     resuming = resume and last.is_file()
-    if cfg.pretrained_backbone and tuple(cfg.blocks) == (3, 4, 6, 3) and cfg.width == 64 and not resuming:
-        weights = imagenet_resnet50_state_dict()
-        if weights is not None:
-            model.backbone.body.load_torchvision_state_dict(weights)
-            model.backbone.body.freeze(cfg.trainable_backbone_layers)
-        else:  # frozen statistics of a random network would be meaningless: train everything
-            cfg = replace(cfg, norm="batch", trainable_backbone_layers=5, pretrained_backbone=False)
-            model = build_model(cfg, len(class_names))
-            if rank == 0:
-                print("training the backbone from scratch, with trainable BatchNorm")
+    if model is None:   # a model passed in is used as it is; only our own gets ImageNet weights
+        model, cfg = _build_with_backbone_weights(cfg, len(class_names), load=not resuming, verbose=rank == 0)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if cfg.optimizer == "sgd" and world > 1:  # the linear scaling rule (Goyal et al., 2017)
         cfg = replace(cfg, lr=cfg.lr * world)
@@ -2299,120 +2340,134 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
         raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size * world}")
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it, total_steps))
-    history = {"step": [], "lr": [], "rpn_objectness": [], "rpn_box": [], "roi_classifier": [], "roi_box": [],
-               "loss": []}
-    epochs, best_ap, start_epoch, train_seconds = [], -1.0, 0, 0.0
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    run = TrainingRun(cfg, model, net, optimizer, scheduler, train_set, val_set, class_names, resolve(out_dir),
+                      device, rank, world, total_steps)
     if resuming:
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        history, epochs, best_ap = ckpt["history"], ckpt["epochs"], ckpt["best_ap"]
-        start_epoch, train_seconds = ckpt["epoch"], ckpt.get("train_seconds", 0.0)
-        _set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        _restore(run, torch.load(last, map_location="cpu", weights_only=False))
         if rank == 0:
-            print(f"resumed from {last} after epoch {start_epoch}")
+            print(f"resumed from {last} after epoch {run.epoch}")
     elif resume and rank == 0:
         print(f"no checkpoint at {last}: starting from scratch")
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    use_amp = cfg.amp and device.type == "cuda"
+    return run
 
-    bad_steps = 0
-    for epoch in range(start_epoch, cfg.epochs):
-        if stop_after_epochs is not None and epoch >= start_epoch + stop_after_epochs:
-            break
-        epoch_start = time.perf_counter()
-        sampler = None
-        if world > 1:
-            sampler = torch.utils.data.distributed.DistributedSampler(train_set, shuffle=True, seed=cfg.seed,
-                                                                      drop_last=True)
-            sampler.set_epoch(epoch)
-        # A new loader each epoch, seeded by the epoch: the same order after a resume.
-        loader = make_data_loader(train_set, batch_size=cfg.batch_size, shuffle=True, sampler=sampler,
-                                  num_workers=cfg.num_workers, seed=cfg.seed + epoch, drop_last=True)
-        net.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
-        for images, targets in bar:
-            images = [img.to(device, non_blocking=True) for img in images]
-            ids = [t["image_id"] for t in targets]
-            targets = [{k: v.to(device) for k, v in t.items()} for t in trainable_targets(targets)]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                losses = net(images, targets)
-            loss = sum(losses.values())
-            finite = torch.isfinite(loss).to(torch.float32)
-            if world > 1:  # every rank skips together, or none does
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() == 0:
-                bad_steps += 1
-                if rank == 0:
-                    print(f"non-finite loss at step {len(history['step'])} (images {ids}): step skipped")
-                optimizer.zero_grad(set_to_none=True)
-                if bad_steps >= cfg.max_bad_steps:
-                    raise TrainingDiverged(f"{bad_steps} non-finite losses in a row; the last good "
-                                           f"checkpoint is {last}")
-                continue
-            bad_steps = 0
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
-            history["step"].append(len(history["step"]))
-            history["lr"].append(optimizer.param_groups[0]["lr"])
-            scheduler.step()
-            for name, value in losses.items():
-                history[name].append(value.item())
-            history["loss"].append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{history['lr'][-1]:.2e}")
-        train_seconds += time.perf_counter() - epoch_start
 
-        if rank == 0:
-            metrics = evaluate_model(model, val_set, device=device, progress=progress)
-            epochs.append({"epoch": epoch + 1, **{k: metrics[k] for k in COCO_METRIC_KEYS},
-                           "train_seconds": train_seconds})
-            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": asdict(cfg),
-                    "class_names": class_names, "history": history, "epochs": epochs, "best_ap": best_ap,
-                    "train_seconds": train_seconds, "rng": _rng_state()}
-            if metrics["AP"] > best_ap:
-                best_ap = ckpt["best_ap"] = metrics["AP"]
-                save_checkpoint(ckpt, out_dir / "best.pt")
-            save_checkpoint(ckpt, last)
-            summary = {"config": asdict(cfg), "class_names": class_names, "epochs": epochs, "history": history,
-                       "best_ap": best_ap, "train_seconds": train_seconds, "processes": world,
-                       "total_steps": total_steps}
-            _write_json_atomic(out_dir / "metrics.json", summary)
-            print(f"epoch {epoch + 1}/{cfg.epochs}: AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
-                  f"loss {np.mean(history['loss'][-steps_per_epoch:]):.3f}  ({train_seconds:.0f} s training)")
-        if world > 1:
+def _build_with_backbone_weights(cfg: TrainConfig, num_classes: int, *, load: bool, verbose: bool):
+    """(model, cfg): the profile's model, with ImageNet weights in its ResNet50 when the profile
+    asks for them and they can be had. Without them, frozen statistics of a random network would
+    be meaningless: the whole backbone trains, with BatchNorm (cfg says so)."""
+    model = build_model(cfg, num_classes)
+    if not (cfg.pretrained_backbone and tuple(cfg.blocks) == (3, 4, 6, 3) and cfg.width == 64 and load):
+        return model, cfg
+    weights = imagenet_resnet50_state_dict()
+    if weights is not None:
+        model.backbone.body.load_torchvision_state_dict(weights)
+        model.backbone.body.freeze(cfg.trainable_backbone_layers)
+        return model, cfg
+    cfg = replace(cfg, norm="batch", trainable_backbone_layers=5, pretrained_backbone=False)
+    if verbose:
+        print("training the backbone from scratch, with trainable BatchNorm")
+    return build_model(cfg, num_classes), cfg
+
+
+def _restore(run: TrainingRun, ckpt: dict) -> None:
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.history, run.epochs, run.best_ap = ckpt["history"], ckpt["epochs"], ckpt["best_ap"]
+    run.epoch, run.train_seconds = ckpt["epoch"], ckpt.get("train_seconds", 0.0)
+    _set_rng_state(ckpt["rng"][run.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+
+
+def epoch_loader(run: TrainingRun, epoch: int):
+    """The epoch's batches: a new loader seeded by the epoch, so a resumed run sees the same order;
+    under DDP each process gets its own share of the images."""
+    sampler = None
+    if run.world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(run.train_set, shuffle=True, seed=run.cfg.seed,
+                                                                  drop_last=True)
+        sampler.set_epoch(epoch)
+    return make_data_loader(run.train_set, batch_size=run.cfg.batch_size, shuffle=True, sampler=sampler,
+                            num_workers=run.cfg.num_workers, seed=run.cfg.seed + epoch, drop_last=True)
+
+
+def end_epoch(run: TrainingRun, *, progress: bool) -> None:
+    """Validation AP, then last.pt (and best.pt when the AP is the best so far) and metrics.json."""
+    metrics = evaluate_model(run.model, run.val_set, device=run.device, progress=progress)
+    run.epochs.append({"epoch": run.epoch, **{k: metrics[k] for k in COCO_METRIC_KEYS},
+                       "train_seconds": run.train_seconds})
+    is_best = metrics["AP"] > run.best_ap
+    run.best_ap = max(run.best_ap, metrics["AP"])
+    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "epoch": run.epoch, "config": asdict(run.cfg),
+            "class_names": run.class_names, "history": run.history, "epochs": run.epochs,
+            "best_ap": run.best_ap, "train_seconds": run.train_seconds, "rng": _rng_state()}
+    if is_best:
+        save_checkpoint(ckpt, run.out_dir / "best.pt")
+    save_checkpoint(ckpt, run.out_dir / "last.pt")
+    _write_json_atomic(run.out_dir / "metrics.json", run.summary())
+    steps = run.total_steps // run.cfg.epochs
+    print(f"epoch {run.epoch}/{run.cfg.epochs}: AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
+          f"loss {np.mean(run.history['loss'][-steps:]):.3f}  ({run.train_seconds:.0f} s training)")
+
+
+def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=None, data_root=None,
+          stop_after_epochs: int | None = None, progress: bool = True, deterministic: bool = False,
+          model: nn.Module | None = None) -> dict:
+    """Train a detector as cfg says, in this process (one of several under DDP: torchrun, or
+    train_in_processes); write out_dir/last.pt, best.pt and metrics.json; return what
+    metrics.json holds.
+
+    resume=True continues from out_dir/last.pt; stop_after_epochs ends this call early (as a kill
+    would) without changing the schedule. `model` is trained instead of the one cfg describes,
+    as it is (same call signature and loss names; the side-by-side benchmark passes torchvision's
+    detector). deterministic=True makes a CPU run repeatable to the last bit (one thread,
+    deterministic kernels), so that a resumed run ends with the weights of an uninterrupted one;
+    it sets both process-wide.
+    """
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+    device = torch.device(device) if device else DEVICE
+    run = setup_run(cfg, out_dir=out_dir, resume=resume, device=device, data_root=data_root, model=model)
+    last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, run.epoch + stop_after_epochs)
+    while run.epoch < last_epoch:
+        start = time.perf_counter()
+        try:
+            train_one_epoch(run.net, epoch_loader(run, run.epoch), run.optimizer, run.scheduler,
+                            device=run.device, history=run.history, clip_grad_norm=cfg.clip_grad_norm,
+                            max_bad_steps=cfg.max_bad_steps, amp=cfg.amp and run.device.type == "cuda",
+                            world=run.world, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
+                            progress=progress and run.rank == 0)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{err}; the last good checkpoint is {run.out_dir / 'last.pt'}") from None
+        run.train_seconds += time.perf_counter() - start
+        run.epoch += 1
+        if run.rank == 0:  # one process evaluates and writes; the others wait for it
+            end_epoch(run, progress=progress)
+        if run.world > 1:
             dist.barrier()
-    if world > 1:
+    if run.world > 1:
         dist.destroy_process_group()
-    return {"epochs": epochs, "history": history, "best_ap": best_ap, "train_seconds": train_seconds,
-            "class_names": class_names, "processes": world, "total_steps": total_steps}
+    return run.summary()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def train_in_processes(cfg: TrainConfig, *, device=None, progress: bool = True, **kwargs) -> dict:
+    """train() as the CLI and notebook 05 run it: on a CPU, in cfg.cpu_processes DDP processes
+    (at most one a core), as torchrun would start them; elsewhere, under torchrun, or with one
+    process, just train() here.
 
-
-def _cpu_process_main(rank: int, env: dict, threads: int, cfg: TrainConfig, kwargs: dict):
-    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(threads)
-    train(cfg, **kwargs, progress=False)
-
-
-def _train_on_cpu_processes(processes: int, cfg: TrainConfig, *, progress: bool, **kwargs) -> dict:
-    """train() as DDP over `processes` CPU processes on this machine, as torchrun would run it:
-    this process is rank 0 (its progress bars and messages show where it was called, a notebook
-    included); the others are spawned, and joined before it returns."""
+    This process is rank 0 (its progress bars and messages show where it was called, a notebook
+    included); the others are spawned with the same arguments and joined before it returns. Each
+    process gets its share of the cores as torch threads."""
+    device = torch.device(device) if device else DEVICE
+    processes = min(cfg.cpu_processes, os.cpu_count() or 1)
+    if device.type != "cpu" or processes == 1 or "WORLD_SIZE" in os.environ:
+        return train(cfg, device=device, progress=progress, **kwargs)
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(processes)}
     threads = max(1, (os.cpu_count() or 1) // processes)
     context = torch.multiprocessing.get_context("spawn")
-    others = [context.Process(target=_cpu_process_main, args=(rank, env, threads, cfg, kwargs))
+    others = [context.Process(target=_cpu_process_main, args=(rank, env, threads, cfg, device, kwargs))
               for rank in range(1, processes)]
     saved_env = {k: os.environ.get(k) for k in [*env, "RANK", "LOCAL_RANK"]}
     saved_threads = torch.get_num_threads()
@@ -2423,7 +2478,7 @@ def _train_on_cpu_processes(processes: int, cfg: TrainConfig, *, progress: bool,
             p.start()
         os.environ.update(env, RANK="0", LOCAL_RANK="0")
         torch.set_num_threads(threads)
-        result = train(cfg, progress=progress, **kwargs)
+        result = train(cfg, device=device, progress=progress, **kwargs)
     except BaseException:
         for p in others:
             p.terminate()
@@ -2443,6 +2498,20 @@ def _train_on_cpu_processes(processes: int, cfg: TrainConfig, *, progress: bool,
     if failed:
         raise RuntimeError(f"a training process exited with status {failed[0]}")
     return result
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_process_main(rank: int, env: dict, threads: int, cfg: TrainConfig, device, kwargs: dict):
+    """A spawned rank of train_in_processes: joins the run as torchrun would have started it."""
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    train(cfg, device=device, **kwargs, progress=False)
 
 
 # =============================================================================================
@@ -2942,8 +3011,8 @@ def main(argv=None) -> int:
         if args.epochs:
             cfg = replace(cfg, epochs=args.epochs)
         try:
-            train(cfg, out_dir=args.out or f"runs/{args.profile}", resume=args.resume, device=args.device,
-                  data_root=args.data_root, progress=not args.no_progress)
+            train_in_processes(cfg, out_dir=args.out or f"runs/{args.profile}", resume=args.resume,
+                               device=args.device, data_root=args.data_root, progress=not args.no_progress)
         except TrainingDiverged as err:
             print(f"training stopped: {err}", file=sys.stderr)
             return 1

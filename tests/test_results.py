@@ -111,6 +111,7 @@ def test_runner_records_what_each_figure_describes(tmp_path):
                                           "pathlib.Path(os.environ['FRCNN_IMAGES'], 'one.png').write_bytes(b'png')")]
     path = tmp_path / "97_draws.ipynb"
     nbformat.write(nb, str(path))
+    (tmp_path / "figs").mkdir()
     run_notebook(path, profile="smoke", out_dir=tmp_path / "out", images_dir=tmp_path / "figs")
     manifest = json.loads((tmp_path / "figs" / "manifest.json").read_text())
     assert list(manifest) == ["images/one.png"]               # only what the run drew

@@ -115,6 +115,40 @@ def test_nan_loss_skips_then_stops_keeping_the_last_checkpoint(tmp_path, monkeyp
     fc.load_checkpoint(tmp_path / "last.pt")  # still loads
 
 
+def test_train_one_epoch_is_the_loop(tmp_path):
+    """train_one_epoch alone: one optimiser step and one history entry per batch, the schedule
+    stepped with it, the losses falling on a batch seen again and again."""
+    torch.manual_seed(0)
+    train_set, _ = fc.make_datasets(SMOKE)
+    images = fc.subset(train_set, 4)
+    model = fc.build_model(SMOKE, len(train_set.class_names))
+    optimizer = fc.make_optimizer(SMOKE, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    history = {k: [] for k in ("step", "lr", "rpn_objectness", "rpn_box", "roi_classifier", "roi_box", "loss")}
+    loader = fc.make_data_loader(images, batch_size=4, shuffle=False, num_workers=0)
+    for _ in range(8):
+        fc.train_one_epoch(model, loader, optimizer, scheduler, device=torch.device("cpu"), history=history,
+                           clip_grad_norm=10.0, progress=False)
+    assert history["step"] == list(range(8)) and scheduler.last_epoch == 8
+    assert all(len(history[k]) == 8 for k in history)
+    assert history["loss"][-1] < 0.7 * history["loss"][0], history["loss"]
+    assert model.training
+
+
+def test_a_model_passed_in_is_trained_as_it_is(tmp_path, monkeypatch):
+    """train(model=...) trains that very object: nothing rebuilds it or loads weights into it."""
+    cfg = replace(SMOKE, epochs=1)
+    model = fc.build_model(cfg, len(fc.SHAPES_CLASSES))
+    monkeypatch.setattr(fc, "build_model", lambda *a, **k: pytest.fail("train() built a model of its own"))
+    monkeypatch.setattr(fc, "imagenet_resnet50_state_dict", lambda *a, **k: pytest.fail("weights fetched"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fc.train(cfg, out_dir=tmp_path, progress=False, model=model)
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)        # trained: this object changed
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(saved[k], after[k].cpu()) for k in after)         # and it is what was saved
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     fc.save_checkpoint({"epoch": 1}, path)
@@ -205,7 +239,7 @@ def test_cpu_processes_train_as_ddp_without_torchrun(tmp_path, capsys):
         pytest.skip("needs two cores")
     threads = torch.get_num_threads()
     cfg = replace(SMOKE, cpu_processes=2, batch_size=2, epochs=1)
-    result = fc.train(cfg, out_dir=tmp_path, device="cpu")
+    result = fc.train_in_processes(cfg, out_dir=tmp_path, device="cpu")
     assert "training in 2 processes" in capsys.readouterr().out
     assert result["processes"] == 2
     assert result["total_steps"] == len(result["history"]["step"]) == cfg.max_train_images // 4
