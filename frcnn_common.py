@@ -234,12 +234,20 @@ def _draw_shapes_image(rng, class_names):
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), annotations, owner
 
 
-def _write_json_atomic(path, obj, *, indent: int | None = None):
-    """Write JSON to a temporary file, then rename: a kill never leaves half a file.
-    Compact unless indent is given (files meant to be read and diffed)."""
+def write_atomic(path, write) -> None:
+    """Create path through `write(temporary_path)`, then rename it into place. A rename is atomic:
+    a kill mid-write leaves the previous file (or none), never half of a new one."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent) + "\n" if indent else json.dumps(obj, separators=(",", ":")))
+    write(tmp)
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path, obj, *, indent: int | None = None):
+    """JSON through write_atomic: compact, unless indent is given (files meant to be read and diffed)."""
+    text = json.dumps(obj, indent=indent) + "\n" if indent else json.dumps(obj, separators=(",", ":"))
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def build_shapes_dataset(root="data/shapes", *, seed=0, num_train=1000, num_val=200, force=False,
@@ -1006,19 +1014,24 @@ def resnet_fpn_backbone(*, blocks=(3, 4, 6, 3), width: int = 64, fpn_channels: i
     return BackboneWithFPN(body, FPN(body.out_channels, fpn_channels))
 
 
-def imagenet_resnet50_state_dict(path: str | os.PathLike | None = None) -> dict | None:
-    """torchvision's ImageNet ResNet50 weights (IMAGENET1K_V1), from a local file when `path`
-    is given, else downloaded through torchvision's cache; None, with one line saying why,
-    when neither can be had (offline machines)."""
+def torchvision_weights(weights: str, path: str | os.PathLike | None = None) -> dict | None:
+    """A state dict of torchvision's published weights, e.g. "ResNet50_Weights.IMAGENET1K_V1": from
+    a local file when `path` is given, else downloaded through torchvision's cache. None, with one
+    line saying why, when neither can be had (an offline machine, a missing or corrupt file)."""
     try:
         if path:
             return torch.load(path, map_location="cpu", weights_only=True)
-        from torchvision.models import ResNet50_Weights  # the weight source only
-        return ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except Exception as err:  # offline, missing file, corrupt file: all mean "go on without"
-        print(f"ImageNet ResNet50 weights not available ({type(err).__name__}: {str(err)[:80]}); "
-              "using random weights.")
+        from torchvision.models import get_weight  # the weight source only; the model never calls torchvision
+        return get_weight(weights).get_state_dict(progress=False)
+    except Exception as err:  # every failure here means the same: go on without them
+        print(f"torchvision weights {weights} not available ({type(err).__name__}: {str(err)[:80]}); "
+              "going on without them.")
         return None
+
+
+def imagenet_resnet50_state_dict(path: str | os.PathLike | None = None) -> dict | None:
+    """torchvision's ImageNet ResNet50 weights (IMAGENET1K_V1), or None: see torchvision_weights."""
+    return torchvision_weights("ResNet50_Weights.IMAGENET1K_V1", path)
 
 
 def sample_photo() -> Tensor:
@@ -2046,18 +2059,9 @@ def build_model(cfg: TrainConfig, num_classes: int) -> "FasterRCNN":
 
 
 def torchvision_detector_state_dict(path: str | os.PathLike | None = None) -> dict | None:
-    """torchvision's COCO-trained fasterrcnn_resnet50_fpn weights (COCO_V1), from a local file
-    when `path` is given, else downloaded through torchvision's cache; None, with one line
-    saying why, when neither can be had."""
-    try:
-        if path:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights  # weight source only
-        return FasterRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=False)
-    except Exception as err:
-        print(f"COCO-trained Faster R-CNN weights not available ({type(err).__name__}: {str(err)[:80]}); "
-              "going on without them.")
-        return None
+    """torchvision's COCO-trained fasterrcnn_resnet50_fpn weights (COCO_V1), or None: see
+    torchvision_weights."""
+    return torchvision_weights("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", path)
 
 
 COCO_CLASSES = (
@@ -2151,12 +2155,8 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def save_checkpoint(obj: dict, path) -> None:
-    """Write to a temporary file, then rename: a kill mid-write never leaves a broken checkpoint."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through write_atomic: a kill mid-write never leaves a broken checkpoint."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path, device="cpu"):
