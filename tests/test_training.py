@@ -1,5 +1,5 @@
 """Section 05 and the CLI: training learns, resumes exactly, survives NaNs, runs under DDP;
-evaluate and predict answer as SPEC.md says."""
+evaluate and predict answer as README's public interface says."""
 import json
 import os
 import pathlib
