@@ -72,6 +72,13 @@ def recipe(cfg: fc.TrainConfig, num_classes: int) -> str:
             f"{cfg.optimizer} (lr {cfg.lr:g}, {cfg.warmup_iters} warm-up steps, {cfg.schedule} decay)")
 
 
+def ap_table(first: str, rows: dict) -> list[str]:
+    """A Markdown table of COLUMNS and training seconds, one row per {label: metrics}."""
+    lines = [f"| {first} | " + " | ".join(COLUMNS) + " | training s |", "|---:|" + "---:|" * (len(COLUMNS) + 1)]
+    return lines + [f"| {label} | " + " | ".join(f"{m[k]:.3f}" for k in COLUMNS) + f" | {m['train_seconds']:,.0f} |"
+                    for label, m in rows.items()]
+
+
 def render_results(metrics: dict, *, date: str, make_run_seconds: float | None = None) -> str:
     cfg = fc.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in metrics["config"].items()})
     epochs = metrics["epochs"]
@@ -86,11 +93,8 @@ def render_results(metrics: dict, *, date: str, make_run_seconds: float | None =
         f"{cfg.batch_size} images a step ({metrics['total_steps']:,} steps). Evaluated with pycocotools "
         f"on the {cfg.num_val} validation images after every epoch:",
         "",
-        "| epoch | " + " | ".join(COLUMNS) + " | training s |",
-        "|---:|" + "---:|" * (len(COLUMNS) + 1),
+        *ap_table("epoch", {e["epoch"]: e for e in epochs}),
     ]
-    lines += [f"| {e['epoch']} | " + " | ".join(f"{e[k]:.3f}" for k in COLUMNS) + f" | {e['train_seconds']:,.0f} |"
-              for e in epochs]
     summary = (f"Command: `make run` (notebook 05 calls `fc.train`, as `python -m frcnn_common train "
                f"--profile cpu` does): {metrics['train_seconds']:,.0f} s of training (validation not "
                f"counted); final AP {final['AP']:.3f}, AP50 {final['AP50']:.3f}, AP75 {final['AP75']:.3f}.")
@@ -110,13 +114,11 @@ def render_side_by_side(result: dict) -> str:
         f"heads, all from scratch) against torchvision's (`GeneralizedRCNNTransform`, `RegionProposalNetwork`, "
         f"`MultiScaleRoIAlign`, `RoIHeads`). Final epoch, pycocotools on the {cfg.num_val} validation images:",
         "",
-        "| detector | " + " | ".join(COLUMNS) + " | training s |",
-        "|---|" + "---:|" * (len(COLUMNS) + 1),
+        *ap_table("detector", {label: result[key] for key, label in names.items()}),
+        "",
+        f"Command: `{result['command']}`.",
+        fingerprint_line(),
     ]
-    for key, label in names.items():
-        r = result[key]
-        lines.append(f"| {label} | " + " | ".join(f"{r[k]:.3f}" for k in COLUMNS) + f" | {r['train_seconds']:,.0f} |")
-    lines += ["", f"Command: `{result['command']}`.", fingerprint_line()]
     return "\n".join(lines) + "\n"
 
 
