@@ -1,8 +1,9 @@
 """Train our detector and torchvision's with the same recipe, side by side, and report both APs.
 
 Same backbone (our ResNet-FPN of the profile's size, since torchvision's ResNet cannot be made
-that narrow), same data, same steps, same seed, same training loop (frcnn_common.train): only the
-detection machinery differs, ours (anchors, RPN, RoIAlign heads, all from scratch) against
+that narrow), same data, same steps, same seed, same training loop run the same way
+(frcnn_common.train_in_processes: the profile's DDP processes on a CPU): only the detection
+machinery differs, ours (anchors, RPN, RoIAlign heads, all from scratch) against
 torchvision's (its GeneralizedRCNNTransform, RPN, MultiScaleRoIAlign and RoIHeads).
 
     python bench/train_side_by_side.py --profile cpu [--epochs N] [--out runs/side_by_side]
@@ -80,9 +81,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/side_by_side")
     args = parser.parse_args(argv)
     profile_cfg = fc.PROFILES[args.profile]
-    # One process on both sides (torchvision's detector is passed in as an object, which the
-    # cpu profile's DDP processes cannot share), with the profile's batch across all processes.
-    cfg = replace(profile_cfg, batch_size=profile_cfg.batch_size * profile_cfg.cpu_processes, cpu_processes=1)
+    # Both sides train as the CLI does (train_in_processes: the cpu profile's DDP processes); the
+    # torchvision detector travels to the other processes pickled, with the same initial weights.
+    cfg = profile_cfg
     if args.epochs:
         cfg = replace(cfg, epochs=args.epochs)
     out = fc.resolve(args.out)
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     for name, model in (("ours", None), ("torchvision", "tv")):
         torch.manual_seed(cfg.seed)  # the same initial weights on both sides
         model = torchvision_detector(cfg, num_classes) if model == "tv" else None
-        metrics = fc.train(cfg, out_dir=out / name, model=model)
+        metrics = fc.train_in_processes(cfg, out_dir=out / name, model=model)
         last = metrics["epochs"][-1]
         results[name] = {k: last[k] for k in fc.COCO_METRIC_KEYS} | {"train_seconds": metrics["train_seconds"]}
     print(f"\n{'':12} {'AP':>6} {'AP50':>6} {'AP75':>6} {'train s':>8}")
