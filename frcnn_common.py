@@ -389,10 +389,92 @@ def _check_size(path, image, width, height, source):
                            f"{source} says {width}x{height}")
 
 
+# ---- the readers' shared base ------------------------------------------------------------------
+
+class DetectionFiles(torch.utils.data.Dataset):
+    """What the COCO and VOC readers share, once: image files with boxes in one list each.
+
+    A reader parses its annotation format, then hands every box to _group_boxes:
+        images            [{"file_name", "width", "height", "path", ...}, ...]  one dict an image
+        box_image         Int[A]     the index in `images` of each box (A boxes in all)
+        boxes             Float[A, 4] xyxy, 0-based pixel edges (the section's convention)
+        labels, iscrowd   Int64[A], Bool[A]
+        box_ids           what a warning calls each box (a COCO annotation id, "a.xml/object 0")
+        box_files         the annotation file that holds each box (for check-data's report)
+    _group_boxes clips the boxes to their images, drops what has nothing left, warns once
+    (naming them), and groups the survivors by image. Then, for every reader:
+        ds[i] -> (FloatTensor[3, H, W], target)   target(i) without reading the image
+        image_path(i), problems (what check_data reports: (kind, file, detail), see there)
+    """
+    kind = "DetectionFiles"
+
+    def _group_boxes(self, source, box_image, boxes, labels, iscrowd, box_ids, box_files) -> None:
+        box_image = np.asarray(box_image, np.int64).reshape(-1)
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        widths = np.array([self.images[i]["width"] for i in box_image], np.float64)
+        heights = np.array([self.images[i]["height"] for i in box_image], np.float64)
+        degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])   # before clipping
+        boxes, changed, keep = _clip_boxes(boxes, widths, heights)
+        self.clipped_ann_ids = [a for a, c in zip(box_ids, changed) if c]
+        self.dropped_ann_ids = [a for a, k in zip(box_ids, keep) if not k]
+        _warn_repaired(source, self.clipped_ann_ids, self.dropped_ann_ids)
+        for k in np.flatnonzero(~keep | changed):
+            kind = ("degenerate box" if degenerate[k] else
+                    "box outside the image" if not keep[k] else "box partly outside the image")
+            what = "dropped" if not keep[k] else "clipped"
+            self.problems.append((kind, str(box_files[k]), f"{box_ids[k]}: {what}"))
+
+        # Group the surviving boxes by image: per image Float[N, 4], Int64[N], Bool[N].
+        labels, iscrowd = np.asarray(labels, np.int64), np.asarray(iscrowd, bool)
+        order = np.argsort(box_image[keep], kind="stable")
+        per_image = np.bincount(box_image[keep], minlength=len(self.images))
+        splits = np.cumsum(per_image)[:-1]
+        self._boxes = np.split(boxes[keep][order], splits)
+        self._labels = np.split(labels[keep][order], splits)
+        self._iscrowd = np.split(iscrowd[keep][order], splits)
+
+    def __len__(self):
+        return len(self.images)
+
+    def image_path(self, index) -> pathlib.Path:
+        return self.images[index]["path"]
+
+    def target(self, index):
+        """The target of image `index` without reading the image (no transforms applied)."""
+        return _make_target(self._boxes[index], self._labels[index], self._iscrowd[index],
+                            self.image_ids[index])
+
+    def __getitem__(self, index):
+        info = self.images[index]
+        image = load_image(info["path"])
+        _check_size(info["path"], image, info["width"], info["height"], info["source"])
+        target = self.target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __repr__(self):
+        return f"{self.kind}({len(self)} images, {self.num_classes - 1} classes, {self.where})"
+
+
+def _class_labels(class_names) -> dict:
+    """{name: label} for class names given by the user; "__background__" is put in front when it
+    is not already first, and may appear nowhere else (it is label 0)."""
+    names = list(class_names)
+    if not names or names[0] != "__background__":
+        names.insert(0, "__background__")
+    if "__background__" in names[1:]:
+        raise DatasetError("class_names: '__background__' is reserved for label 0 and can only come first")
+    if len(set(names)) != len(names):
+        raise DatasetError(f"class_names has duplicates: {names}")
+    return {name: label for label, name in enumerate(names)}
+
+
 # ---- COCO ------------------------------------------------------------------------------------
 
-class CocoDetection(torch.utils.data.Dataset):
-    """COCO 2017, or any set in COCO format (a folder of images and an instances_*.json).
+class CocoDetection(DetectionFiles):
+    """COCO 2017, or any set in COCO format (a folder of images and an instances_*.json), as
+    CVAT, Label Studio and Roboflow export it.
 
     ds[i] -> (image FloatTensor[3, H, W], target dict); see the section docstring.
     COCO category ids (1..90 with gaps in COCO 2017, or anything, even 0) become contiguous
@@ -401,19 +483,24 @@ class CocoDetection(torch.utils.data.Dataset):
         class_names      tuple, class_names[0] == "__background__", class_names[label]
         label_to_cat_id  {label: category id}      cat_id_to_label  {category id: label}
         image_ids        COCO image ids, ds[i] is image_ids[i] (sorted)
-        images           [{"id", "file_name", "width", "height"}, ...], in the same order
+        images           [{"id", "file_name", "width", "height", "path"}, ...], in the same order
         target(i)        image i's target without reading the image (for counts and evaluation)
+    image_ids=[...] reads only those images (one json for all, split by split_ids).
     The annotation file is checked when the dataset is built, not later in a loader worker:
     malformed JSON, missing keys, a bbox that is not 4 numbers or an unknown category or image id
-    raise DatasetError naming the file. Boxes partly outside their image are clipped, boxes with
+    raise DatasetError naming the file (strict=False: unknown ids are skipped and listed in
+    `problems` instead, for check_data). Boxes partly outside their image are clipped, boxes with
     nothing left are dropped, and one DatasetWarning names them. Crowd regions are kept with
     iscrowd True; images without boxes are kept as negatives.
     """
+    kind = "CocoDetection"
 
-    def __init__(self, image_dir, ann_file, *, transforms=None):
+    def __init__(self, image_dir, ann_file, *, transforms=None, image_ids=None, strict=True):
         self.image_dir = pathlib.Path(image_dir)
         self.ann_file = pathlib.Path(ann_file)
         self.transforms = transforms
+        self.where = f"images {self.image_dir}, annotations {self.ann_file}"
+        self.problems = []
         data = _read_coco_json(self.ann_file)
 
         def bad(what):
@@ -443,18 +530,22 @@ class CocoDetection(torch.utils.data.Dataset):
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in size):
                 raise bad(f"image id {img['id']}: width and height must be positive numbers, got {size}")
             self.images.append({"id": img["id"], "file_name": img["file_name"],
-                                "width": int(img["width"]), "height": int(img["height"])})
+                                "width": int(img["width"]), "height": int(img["height"]),
+                                "path": self.image_dir / img["file_name"], "source": self.ann_file})
         self.images.sort(key=lambda img: img["id"])             # a stable order, whatever the file's
-        position = {img["id"]: k for k, img in enumerate(self.images)}   # image id -> index
-        if len(position) != len(self.images):
-            ids = [img["id"] for img in self.images]
+        ids = [img["id"] for img in self.images]
+        if len(set(ids)) != len(ids):
             twice = next(i for i, j in zip(ids, ids[1:]) if i == j)
             raise bad(f"image id {twice} appears twice in 'images'")
+        all_ids = set(ids)
+        if image_ids is not None:                               # one split of a json for all
+            wanted = set(image_ids)
+            self.images = [img for img in self.images if img["id"] in wanted]
+        position = {img["id"]: k for k, img in enumerate(self.images)}   # image id -> index
         self.image_ids = [img["id"] for img in self.images]
 
         anns = data["annotations"]
-        ann_ids, image_index, labels, crowd = [], [], [], []
-        boxes = np.zeros((len(anns), 4), np.float64)           # (A, 4) xywh, then xyxy
+        ann_ids, image_index, labels, crowd, boxes = [], [], [], [], []
         for k, ann in enumerate(anns):
             ann_id = ann.get("id", f"#{k}") if isinstance(ann, dict) else f"#{k}"
             name = f"annotation {ann_id} (annotations[{k}])"
@@ -465,55 +556,27 @@ class CocoDetection(torch.utils.data.Dataset):
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
             if not numbers:
                 raise bad(f"{name}: 'bbox' must be 4 finite numbers [x, y, width, height], got {bbox!r}")
+            unknown = None
             if ann["category_id"] not in self.cat_id_to_label:
-                raise bad(f"{name} has category_id {ann['category_id']!r}, which is not in 'categories' "
-                          f"(ids {sorted(self.cat_id_to_label)})")
-            if ann["image_id"] not in position:
-                raise bad(f"{name} has image_id {ann['image_id']!r}, which is not in 'images'")
+                unknown = ("unknown class", f"{name} has category_id {ann['category_id']!r}, which is not "
+                           f"in 'categories' (ids {sorted(self.cat_id_to_label)})")
+            elif ann["image_id"] not in all_ids:
+                unknown = ("unknown image", f"{name} has image_id {ann['image_id']!r}, which is not in 'images'")
+            if unknown and strict:
+                raise bad(unknown[1])
+            if unknown:
+                self.problems.append((unknown[0], str(self.ann_file), unknown[1]))
+                continue
+            if ann["image_id"] not in position:                 # an image of the other split
+                continue
             ann_ids.append(ann_id)
             image_index.append(position[ann["image_id"]])
             labels.append(self.cat_id_to_label[ann["category_id"]])
             crowd.append(bool(ann.get("iscrowd", 0)))
-            boxes[k] = bbox
-        boxes[:, 2:] += boxes[:, :2]                            # xywh -> xyxy
-        image_index = np.asarray(image_index, np.int64)
-        widths = np.array([self.images[i]["width"] for i in image_index], np.float64)
-        heights = np.array([self.images[i]["height"] for i in image_index], np.float64)
-        boxes, changed, keep = _clip_boxes(boxes, widths, heights)
-        self.clipped_ann_ids = [a for a, c in zip(ann_ids, changed) if c]
-        self.dropped_ann_ids = [a for a, k in zip(ann_ids, keep) if not k]
-        _warn_repaired(self.ann_file, self.clipped_ann_ids, self.dropped_ann_ids)
-
-        # Group the surviving annotations by image: per image Float[N, 4], Int64[N], Bool[N].
-        labels, crowd = np.asarray(labels, np.int64), np.asarray(crowd, bool)
-        order = np.argsort(image_index[keep], kind="stable")
-        per_image = np.bincount(image_index[keep], minlength=len(self.images))
-        splits = np.cumsum(per_image)[:-1]
-        self._boxes = np.split(boxes[keep][order], splits)
-        self._labels = np.split(labels[keep][order], splits)
-        self._iscrowd = np.split(crowd[keep][order], splits)
-
-    def __len__(self):
-        return len(self.images)
-
-    def target(self, index):
-        """The target of image `index` without reading the image (no transforms applied)."""
-        return _make_target(self._boxes[index], self._labels[index], self._iscrowd[index],
-                            self.images[index]["id"])
-
-    def __getitem__(self, index):
-        info = self.images[index]
-        path = self.image_dir / info["file_name"]
-        image = load_image(path)
-        _check_size(path, image, info["width"], info["height"], self.ann_file)
-        target = self.target(index)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
-
-    def __repr__(self):
-        return (f"CocoDetection({len(self)} images, {self.num_classes - 1} classes, "
-                f"images {self.image_dir}, annotations {self.ann_file})")
+            x, y, w, h = bbox
+            boxes.append([x, y, x + w, y + h])                  # xywh -> xyxy
+        self._group_boxes(self.ann_file, image_index, boxes, labels, crowd, ann_ids,
+                          [self.ann_file] * len(ann_ids))
 
 
 def _read_coco_json(path):
@@ -542,109 +605,102 @@ VOC_CLASSES = ("__background__", "aeroplane", "bicycle", "bird", "boat", "bottle
                "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 
-class VOCDetection(torch.utils.data.Dataset):
-    """Pascal VOC, or any set in its format: root/Annotations/*.xml and root/JPEGImages/.
+def voc_xml_files(root) -> list[pathlib.Path]:
+    """The annotation files of a VOC folder, sorted: root/Annotations/*.xml, or, as LabelImg
+    writes them beside the images, root/*.xml."""
+    root = pathlib.Path(root)
+    ann_dir = root / "Annotations" if (root / "Annotations").is_dir() else root
+    xml_files = sorted(ann_dir.glob("*.xml"))
+    if not xml_files:
+        raise DatasetError(f"{ann_dir}: no .xml annotation files found")
+    return xml_files
+
+
+def voc_class_names(xml_files) -> tuple:
+    """Class names found in VOC annotation files: VOC's 20, in their usual order, when every
+    name is one of them (a real VOC2007/2012 folder); else the names found, sorted."""
+    found = set()
+    for xml_file in xml_files:
+        found |= {name for name, _, _ in _parse_voc_xml(xml_file, None, size=False)[1]}
+    if found <= set(VOC_CLASSES[1:]):
+        return VOC_CLASSES
+    return ("__background__",) + tuple(sorted(found))
+
+
+class VOCDetection(DetectionFiles):
+    """Pascal VOC, or any set in its format: root/Annotations/*.xml with the images in
+    root/JPEGImages/, or beside the xml files (LabelImg's layout, also root/*.xml).
 
     Each xml names its image in <filename>. With image_set (e.g. "trainval"), only the ids
-    listed in root/ImageSets/Main/{image_set}.txt are read; otherwise every xml, sorted.
+    listed in root/ImageSets/Main/{image_set}.txt are read; with ids (xml names without .xml),
+    those; otherwise every xml, sorted.
     class_names gives the label order: labels are positions in it. "__background__" is put in
     front when it is not already first (so the 20 VOC names, or any list, work as they are);
     an object named "__background__" would collide with label 0, and is an error.
+    class_names=None: the names in the annotations (voc_class_names: VOC's 20 for a real VOC set).
     'difficult' objects are kept with iscrowd True, so evaluation ignores them, as VOC's does.
-    image_id is the index in the dataset; images[i] holds {"file_name", "width", "height", "xml"},
-    and target(i) gives image i's target without reading the image. Errors name the xml file:
-    malformed xml, missing fields, an object class that is not in class_names.
+    image_id is the index in the dataset; images[i] holds {"file_name", "width", "height", "xml",
+    "path"}, and target(i) gives image i's target without reading the image. Errors name the xml
+    file: malformed xml, missing fields, an object class that is not in class_names
+    (strict=False: such objects are skipped and listed in `problems`, for check_data).
     """
+    kind = "VOCDetection"
 
-    def __init__(self, root, class_names=None, *, image_set=None, transforms=None):
+    def __init__(self, root, class_names=None, *, image_set=None, ids=None, transforms=None, strict=True):
         self.root = pathlib.Path(root)
         self.transforms = transforms
-        names = list(VOC_CLASSES if class_names is None else class_names)
-        if not names or names[0] != "__background__":
-            names.insert(0, "__background__")
-        if "__background__" in names[1:]:
-            raise DatasetError("class_names: '__background__' is reserved for label 0 and can only come first")
-        if len(set(names)) != len(names):
-            raise DatasetError(f"class_names has duplicates: {names}")
-        self.class_names = tuple(names)
-        self.num_classes = len(self.class_names)
-        label_of = {name: label for label, name in enumerate(self.class_names)}
-
-        ann_dir = self.root / "Annotations"
+        self.where = f"root {self.root}"
+        self.problems = []
         if image_set is not None:
             list_file = self.root / "ImageSets" / "Main" / f"{image_set}.txt"
             try:
                 ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
             except OSError as e:
                 raise DatasetError(f"{list_file}: cannot read the image set ({e.strerror})") from None
-            xml_files = [ann_dir / f"{i}.xml" for i in ids]
-        else:
-            xml_files = sorted(ann_dir.glob("*.xml"))
-            if not xml_files:
-                raise DatasetError(f"{ann_dir}: no .xml annotation files found")
+        xml_files = voc_xml_files(self.root)
+        if ids is not None:
+            xml_files = [xml_files[0].parent / f"{i}.xml" for i in ids]
+        label_of = _class_labels(voc_class_names(xml_files) if class_names is None else class_names)
+        self.class_names = tuple(label_of)
+        self.num_classes = len(self.class_names)
 
-        self.images = []                                        # {"file_name", "width", "height"}
-        per_box_ids, per_box_image, boxes, labels, crowd = [], [], [], [], []
-        for index, xml_file in enumerate(xml_files):
-            info, objects = _parse_voc_xml(xml_file, self.root / "JPEGImages")
-            self.images.append(info)
+        image_dir = self.root / "JPEGImages" if (self.root / "JPEGImages").is_dir() else None
+        self.images = []                                        # {"file_name", "width", "height", ...}
+        box_ids, box_files, box_image, boxes, labels, crowd = [], [], [], [], [], []
+        for xml_file in xml_files:
+            info, objects = _parse_voc_xml(xml_file, image_dir or xml_file.parent)
             for k, (name, difficult, box) in enumerate(objects):
                 if name not in label_of or name == "__background__":
                     reason = ("is reserved for background (label 0)" if name == "__background__"
                               else f"is not in class_names {self.class_names[1:]}")
-                    raise DatasetError(f"{xml_file}: object {k} has class name {name!r}, which {reason}")
-                per_box_ids.append(f"{xml_file.name}/object {k}")
-                per_box_image.append(index)
+                    message = f"{xml_file}: object {k} has class name {name!r}, which {reason}"
+                    if strict:
+                        raise DatasetError(message)
+                    self.problems.append(("unknown class", str(xml_file), message))
+                    continue
+                box_ids.append(f"{xml_file.name}/object {k}")
+                box_files.append(xml_file)
+                box_image.append(len(self.images))
                 labels.append(label_of[name])
                 crowd.append(difficult)
                 boxes.append(box)
+            self.images.append(info)
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        per_box_image = np.asarray(per_box_image, np.int64)
         # VOC pixel coordinates are 1-based and inclusive: a box over the whole of a W-pixel-wide
         # image is xmin=1, xmax=W. Ours are 0-based with x2 exclusive ([0, W]), so only the
         # top-left corner moves: (x1 - 1, y1 - 1, x2, y2).
         boxes[:, :2] -= 1
-        widths = np.array([self.images[i]["width"] for i in per_box_image], np.float64)
-        heights = np.array([self.images[i]["height"] for i in per_box_image], np.float64)
-        boxes, changed, keep = _clip_boxes(boxes, widths, heights)
-        self.clipped_ann_ids = [a for a, c in zip(per_box_ids, changed) if c]
-        self.dropped_ann_ids = [a for a, k in zip(per_box_ids, keep) if not k]
-        _warn_repaired(self.root, self.clipped_ann_ids, self.dropped_ann_ids)
-
-        labels, crowd = np.asarray(labels, np.int64), np.asarray(crowd, bool)
-        per_image = np.bincount(per_box_image[keep], minlength=len(self.images))
-        splits = np.cumsum(per_image)[:-1]                      # boxes are already in image order
-        self._boxes = np.split(boxes[keep], splits)
-        self._labels = np.split(labels[keep], splits)
-        self._iscrowd = np.split(crowd[keep], splits)
+        self._group_boxes(self.root, box_image, boxes, labels, crowd, box_ids, box_files)
         self.image_ids = list(range(len(self.images)))
 
-    def __len__(self):
-        return len(self.images)
 
-    def target(self, index):
-        """The target of image `index` without reading the image (no transforms applied)."""
-        return _make_target(self._boxes[index], self._labels[index], self._iscrowd[index], index)
-
-    def __getitem__(self, index):
-        info = self.images[index]
-        path = self.root / "JPEGImages" / info["file_name"]
-        image = load_image(path)
-        _check_size(path, image, info["width"], info["height"], info["xml"])
-        target = self.target(index)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
-
-    def __repr__(self):
-        return f"VOCDetection({len(self)} images, {self.num_classes - 1} classes, root {self.root})"
-
-
-def _parse_voc_xml(xml_file, image_dir):
+def _parse_voc_xml(xml_file, image_dir, *, size=True):
     """One VOC annotation file -> (info, objects).
 
-    info: {"file_name", "width", "height", "xml"}; objects: [(name, difficult, [xmin, ymin, xmax, ymax])]
-    in the file's own 1-based coordinates.
+    info: {"file_name", "width", "height", "xml", "path", "source"}; objects: [(name, difficult,
+    [xmin, ymin, xmax, ymax])] in the file's own 1-based coordinates. The image is image_dir /
+    <filename>; its size comes from <size>, or from the image's header when the xml has none
+    (size=False: not looked for, for a pass that wants the class names only).
     """
     try:
         tree = ET.parse(xml_file).getroot()
@@ -674,7 +730,7 @@ def _parse_voc_xml(xml_file, image_dir):
         height = int(float(tree.findtext("size/height")))
     except (TypeError, ValueError):
         width = height = 0
-    if width <= 0 or height <= 0:
+    if size and (width <= 0 or height <= 0):
         # Some tools write no size, or 0: read it from the image header (cheap, no decoding).
         try:
             with Image.open(image_dir / file_name) as im:
@@ -694,7 +750,8 @@ def _parse_voc_xml(xml_file, image_dir):
         coords = [number(box, tag, f"{where} ({name}) <bndbox>")
                   for tag in ("xmin", "ymin", "xmax", "ymax")]
         objects.append((name, is_difficult, coords))
-    info = {"file_name": file_name, "width": width, "height": height, "xml": xml_file}
+    info = {"file_name": file_name, "width": width, "height": height, "xml": xml_file,
+            "path": None if image_dir is None else pathlib.Path(image_dir) / file_name, "source": xml_file}
     return info, objects
 
 
