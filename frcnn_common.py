@@ -2,13 +2,13 @@
 
 One section per notebook, in notebook order:
 
-    01 data        embedded dataset, COCO / VOC readers, transforms, batching
+    01 data        embedded dataset, COCO / VOC readers, your own data and check-data, transforms, batching
     02 backbone    Bottleneck, ResNet50, FPN
     03 rpn         anchors, box coding, matching, sampling, RPN head and loss, NMS, proposals
     04 roi heads   RoIAlign, level mapping, box head, predictor, RoI sampling and loss, FasterRCNN
-    05 training    profiles, training loop, checkpoints, DDP
+    05 training    profiles, training loop, checkpoints, transfer (init), DDP
     06 inference   detection, COCO evaluation (pycocotools and from scratch), prediction
-    CLI            python -m frcnn_common data | train | evaluate | predict
+    CLI            python -m frcnn_common data | train | evaluate | predict | check-data
 
 Conventions, said once:
 - Boxes are (x1, y1, x2, y2) in absolute pixels ("xyxy"), float32.
@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
 import os
 import pathlib
 import random
+import re
 import sys
 import time
 import warnings
@@ -56,7 +58,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # =============================================================================================
-# 01 data: embedded dataset, COCO / VOC readers, transforms, batching
+# 01 data: embedded dataset, COCO / VOC readers, your own data and check-data, transforms, batching
+#   index of your own data (notebook 07): DetectionFiles (the readers' base), coco_files,
+#   voc_xml_files, voc_class_names, split_ids, own_datasets, best_anchor_iou, check_data,
+#   DataReport, check_before_training, DataCheckFailed; GLYPH_CLASSES, draw_glyphs_image,
+#   write_voc_folder, write_coco_folder, build_glyphs_dataset (notebook 07's letters)
 # =============================================================================================
 """Section 01. Everything a detector eats, in one format.
 
@@ -73,7 +79,10 @@ that fills a W-pixel-wide image has x1 = 0 and x2 = W, and its width is x2 - x1.
 Names:
     SHAPES_CLASSES, build_shapes_dataset   the embedded dataset, written in COCO format
     load_image                             any PNG/JPEG mode -> FloatTensor[3, H, W]
+    DetectionFiles                         the readers' base: clip, warn, group, ds[i]
     CocoDetection, VOCDetection            readers; class_names[0] == "__background__"
+    own_datasets, split_ids                your own COCO / VOC folder, split by seed when it has no splits
+    check_data, best_anchor_iou            problems with their files, and the anchors' best possible recall
     RandomHorizontalFlip, Compose          transforms on (image, target) pairs
     collate_fn, make_data_loader           batches are lists: images differ in size
     DatasetError, DatasetWarning           bad input gets a clear answer
@@ -753,6 +762,421 @@ def _parse_voc_xml(xml_file, image_dir, *, size=True):
     info = {"file_name": file_name, "width": width, "height": height, "xml": xml_file,
             "path": None if image_dir is None else pathlib.Path(image_dir) / file_name, "source": xml_file}
     return info, objects
+
+
+# ---- your own data: folder layouts, seeded splits, check_data ---------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def split_ids(ids, *, val_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
+    """(train ids, val ids): a seeded random split, the same for the same ids and seed whatever
+    their order. round(val_fraction * n) images go to validation, at least one when n >= 2."""
+    ids = sorted(ids)
+    num_val = max(1, round(val_fraction * len(ids))) if len(ids) >= 2 else 0
+    chosen = set(np.random.default_rng(seed).permutation(len(ids))[:num_val].tolist())
+    return ([i for k, i in enumerate(ids) if k not in chosen], [i for k, i in enumerate(ids) if k in chosen])
+
+
+def _split_of(path: pathlib.Path) -> str | None:
+    """"train", "val" or "test" from an annotation file's name or folder (Roboflow's "valid" too)."""
+    for part in (path.stem.lower(), path.parent.name.lower()):
+        found = re.search(r"(?<![a-z])(train|valid|val|test)", part)
+        if found:
+            return "val" if found.group(1) == "valid" else found.group(1)
+    return None
+
+
+def _has_images(folder: pathlib.Path) -> bool:
+    return folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def coco_files(root) -> dict:
+    """{split: (image folder, annotation file)} of a COCO-format folder, as exports lay it out:
+
+        COCO 2017     annotations/instances_train2017.json, train2017/ (and val)
+        CVAT          annotations/instances_default.json, images/          (one json for all)
+        Label Studio  result.json, images/                                 (one json for all)
+        Roboflow      train/_annotations.coco.json beside its images (valid/, test/ too)
+
+    The split comes from each json's name or folder ("train", "val"/"valid", "test"); one json
+    with no split in its name is all the data ({"all": ...}: make_datasets splits it, seeded).
+    An annotation file's images are in the first of these folders that holds images: the one
+    named after the file (train2017), its own folder, images/, the split's name, root.
+    """
+    root = pathlib.Path(root)
+    found = sorted({*root.glob("*.json"), *root.glob("*/*.json")} - {root / "manifest.json"})
+    if not found:
+        raise DatasetError(f"{root}: no COCO annotation file (.json) found")
+    by_split = {}
+    for ann_file in found:
+        by_split.setdefault(_split_of(ann_file) or "all", []).append(ann_file)
+    if "train" in by_split and "val" in by_split:
+        by_split.pop("all", None)
+    elif len(found) == 1:
+        by_split = {"all": found}
+    else:
+        raise DatasetError(f"{root}: found {len(found)} json files ({', '.join(p.name for p in found)}) "
+                           "but not one for train and one for val, nor a single one for all")
+    files = {}
+    for split, (ann_file, *more) in by_split.items():
+        if more:   # COCO 2017 keeps captions_* and person_keypoints_* beside instances_*
+            instances = [p for p in (ann_file, *more) if p.name.startswith("instances_")]
+            ann_file, *more = instances or (ann_file, *more)
+        if more:
+            raise DatasetError(f"{root}: several annotation files for {split}: {[ann_file.name] + [p.name for p in more]}")
+        stem = ann_file.stem.removeprefix("instances_")
+        candidates = [root / stem, ann_file.parent, root / "images", root / split, root]
+        files[split] = (next((c for c in candidates if _has_images(c)), ann_file.parent), ann_file)
+    return files
+
+
+def own_datasets(data: str, root, *, class_names=None, seed: int = 0, val_fraction: float = 0.2,
+                 strict: bool = True, quiet: bool = False):
+    """(train set with flips, validation set) from a folder of your own data, read without code.
+
+    data="coco": coco_files(root)'s layout; data="voc": a VOC or LabelImg folder, split by
+    ImageSets/Main/train.txt and val.txt when they are there. Without split files (one COCO json
+    for all, a VOC folder without ImageSets) the images are split by split_ids(seed), and the
+    split is printed. VOC class names come from the annotations unless class_names is given,
+    found over all the files so that both splits agree; they are printed in one line.
+    strict=False: unknown classes and image ids are listed in each set's `problems` (check_data).
+    """
+    root = pathlib.Path(root)
+    say = (lambda *a: None) if quiet else print
+    flip = RandomHorizontalFlip(0.5)
+    if data == "coco":
+        files = coco_files(root)
+        if "all" not in files:
+            (train_dir, train_ann), (val_dir, val_ann) = files["train"], files["val"]
+            return (CocoDetection(train_dir, train_ann, transforms=flip, strict=strict),
+                    CocoDetection(val_dir, val_ann, strict=strict))
+        image_dir, ann_file = files["all"]
+        ids = [img.get("id") for img in _read_coco_json(ann_file)["images"] if isinstance(img, dict)]
+        train_ids, val_ids = split_ids(ids, val_fraction=val_fraction, seed=seed)
+        say(f"{ann_file.name} holds all {len(ids)} images: seeded split (seed {seed}) into "
+            f"{len(train_ids)} train and {len(val_ids)} val images; val ids {_some(val_ids)}")
+        train = CocoDetection(image_dir, ann_file, transforms=flip, image_ids=train_ids, strict=strict)
+        val = CocoDetection(image_dir, ann_file, image_ids=val_ids, strict=strict)
+    elif data == "voc":
+        xml_files = voc_xml_files(root)
+        names = voc_class_names(xml_files) if class_names is None else class_names
+        if class_names is None:
+            say(f"classes (from the annotations): {', '.join(names[1:])}")
+        if (root / "ImageSets" / "Main" / "train.txt").is_file():
+            return (VOCDetection(root, names, image_set="train", transforms=flip, strict=strict),
+                    VOCDetection(root, names, image_set="val", strict=strict))
+        train_ids, val_ids = split_ids([p.stem for p in xml_files], val_fraction=val_fraction, seed=seed)
+        say(f"{root} has no ImageSets/Main/train.txt: seeded split (seed {seed}) of its {len(xml_files)} "
+            f"images into {len(train_ids)} train and {len(val_ids)} val; val {_some(val_ids)}")
+        train = VOCDetection(root, names, ids=train_ids, transforms=flip, strict=strict)
+        val = VOCDetection(root, names, ids=val_ids, strict=strict)
+    else:
+        raise ValueError(f"unknown data {data!r}: expected 'coco' or 'voc'")
+    return train, val
+
+
+def _some(items, limit: int = 8) -> str:
+    items = [str(i) for i in items]
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def best_anchor_iou(image_sizes, boxes, *, min_size: int, max_size: int, anchor_sizes,
+                    aspect_ratios=(0.5, 1.0, 2.0)) -> Tensor:
+    """For every box, the best IoU any anchor of the RPN reaches with it: Float[G].
+
+    image_sizes: [(H, W)] of the images as stored; boxes: [Float[G_i, 4]] xyxy in those pixels.
+    Computed as the model sees it: each image resized as DetectionTransform resizes it (short
+    side min_size, long side at most max_size; the resized size rounded down), the boxes scaled
+    with it, and the anchors those of AnchorGenerator on the padded batch (a multiple of 32):
+    its cell anchors (one size per level, each aspect ratio, rounded), shifted by the stride of
+    each level's grid (P2..P5 a quarter to a 32nd of the padded size, P6 half of P5 rounded up).
+    So a box counts only if an anchor at a real grid position fits it, not just one of its shape.
+    Of the anchors of one shape, the one centred nearest the box's centre has the largest IoU
+    (the overlap along x and along y only shrinks as the centres part), so each box is compared
+    with L x A anchors instead of all of them; tests check this against all of them.
+    """
+    counts = [len(b) for b in boxes]
+    if sum(counts) == 0:
+        return torch.zeros(0)
+    gt = torch.cat([torch.as_tensor(b, dtype=torch.float64).reshape(-1, 4) for b in boxes])   # (G, 4)
+    # Each image as the model resizes it, in Python floats as DetectionTransform computes it (a
+    # tensor division may round the other way, and floor(399.99999) is 399); F.interpolate rounds down.
+    resized = []
+    for h, w in image_sizes:
+        scale = min(min_size / min(h, w), max_size / max(h, w))
+        resized.append((h, w, math.floor(h * scale), math.floor(w * scale)))
+    per_box = torch.tensor(resized, dtype=torch.float64).repeat_interleave(torch.tensor(counts), 0)  # (G, 4)
+    hw, new_hw = per_box[:, :2], per_box[:, 2:]                        # (G, 2) h, w: stored, resized
+    padded = (new_hw / 32).ceil() * 32
+    gt = gt * (new_hw / hw).flip(1).repeat(1, 2)                       # resize_boxes: x by w, y by h
+    centre = (gt[:, :2] + gt[:, 2:]) / 2                               # (G, 2) x, y
+    pad_xy = padded.flip(1)                                            # (G, 2) w, h
+    grids = [torch.div(pad_xy, s, rounding_mode="floor") for s in (4, 8, 16, 32)]
+    grids.append(torch.div(grids[-1] + 1, 2, rounding_mode="floor"))   # P6: max pool, stride 2
+    ious = []
+    for grid, cell in zip(grids, AnchorGenerator(tuple(anchor_sizes), tuple(aspect_ratios)).cell_anchors):
+        stride = torch.div(pad_xy, grid, rounding_mode="floor")       # (G, 2), as AnchorGenerator.forward
+        shift = torch.minimum((centre / stride).round().clamp(min=0), grid - 1) * stride   # nearest centre
+        anchors = cell.double()[None] + shift.repeat(1, 2)[:, None]    # (1, A, 4) + (G, 1, 4) -> (G, A, 4)
+        ious.append(_paired_iou(gt[:, None].expand_as(anchors), anchors))  # (G, A)
+    return torch.cat(ious, 1).max(1).values.float()                   # (G, L*A) -> (G,)
+
+
+def _paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of boxes a[..., 4] and b[..., 4] pair by pair (box_iou gives all pairs)."""
+    wh = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+# Problems check_data finds. Errors stop `train`: the data cannot be read as it is meant. Warnings
+# are repaired by the readers (boxes clipped or dropped) or are worth a look (duplicates).
+PROBLEM_KINDS = {
+    "missing image": "error", "unreadable image": "error", "image size differs": "error",
+    "unknown class": "error", "unknown image": "error",
+    "degenerate box": "warning", "box outside the image": "warning",
+    "box partly outside the image": "warning", "duplicate image": "warning", "duplicate box": "warning",
+}
+# Best possible recall below these, at IoU 0.7 or 0.3: look for better anchors. With one anchor size
+# per level, doubling, a square object sqrt(2) times an anchor's side reaches IoU 0.5 at best: half
+# the objects of a spread of sizes below 0.7 is normal (the RPN also makes each object's best anchor
+# a positive, whatever its IoU); an object with no anchor at 0.3 is one the RPN barely sees.
+ANCHOR_FIT_LOW = {0.7: 0.5, 0.3: 0.98}
+DUPLICATE_BOX_IOU = 0.95      # two boxes of one class in one image overlapping this much: one object
+
+
+@dataclass
+class DataReport:
+    """What check_data found. problems: [(severity, kind, file, detail)]; box_sides: each
+    object's sqrt(w * h) at the model's scale (px); best_iou: its best anchor IoU (best_anchor_iou)."""
+    images: dict                     # {split: number of images}
+    empty_images: dict               # {split: images without objects}
+    objects: dict                    # {class name: objects, all splits}
+    problems: list
+    box_sides: np.ndarray
+    best_iou: np.ndarray
+    anchor_sizes: tuple
+    min_size: int
+    max_size: int
+    suggestion: dict | None = None   # {"anchor_sizes", "min_size", "max_size", "fit_07", "fit_03"}
+
+    @property
+    def errors(self) -> list:
+        return [p for p in self.problems if p[0] == "error"]
+
+    def anchor_fit(self, iou: float) -> float:
+        """Best possible recall at this IoU: the fraction of objects whose best anchor reaches it."""
+        return float((self.best_iou >= iou).mean()) if len(self.best_iou) else 1.0
+
+    def __str__(self) -> str:
+        sides = np.percentile(self.box_sides, [5, 50, 95]) if len(self.box_sides) else [0, 0, 0]
+        lines = [
+            "images: " + ", ".join(f"{s} {n} ({self.empty_images[s]} empty)" for s, n in self.images.items()),
+            f"objects: {sum(self.objects.values())} (" + ", ".join(f"{k} {v}" for k, v in self.objects.items()) + ")",
+            f"box sides sqrt(w*h) at the model's scale ({self.min_size}..{self.max_size}): 5% {sides[0]:.0f} px, "
+            f"median {sides[1]:.0f} px, 95% {sides[2]:.0f} px; anchor sizes {', '.join(map(str, self.anchor_sizes))}",
+            f"anchor fit (best possible recall): {self.anchor_fit(0.7):.1%} of objects have an anchor with "
+            f"IoU >= 0.7 (an RPN positive), {self.anchor_fit(0.3):.1%} with IoU >= 0.3"]
+        if self.suggestion:
+            s = self.suggestion
+            lines.append(f"  low: anchor_sizes={tuple(s['anchor_sizes'])}, min_size={s['min_size']}, "
+                         f"max_size={s['max_size']} would fit {s['fit_07']:.1%} at 0.7, {s['fit_03']:.1%} at 0.3")
+        errors = len(self.errors)
+        lines.append(f"problems: {errors} error(s), {len(self.problems) - errors} warning(s)")
+        lines += [f"  {sev:7s} {kind}: {file}: {detail}" for sev, kind, file, detail in self.problems]
+        return "\n".join(lines)
+
+
+def check_data(datasets: dict, *, min_size: int, max_size: int, anchor_sizes, progress: bool = True,
+               max_anchor_images: int = 2000) -> DataReport:
+    """Check datasets ({split: CocoDetection or VOCDetection, read with strict=False}) before any
+    training, and report (DataReport):
+
+    - images, empty images, objects per class (crowd / difficult objects included);
+    - every problem with its file: what the readers listed (unknown classes or image ids, boxes
+      degenerate or outside the image), images missing, unreadable or of another size than the
+      annotation says, duplicate images (the same bytes twice, in any splits), duplicate boxes
+      (one class, one image, IoU >= DUPLICATE_BOX_IOU);
+    - the anchors' fit, as the "best possible recall" of YOLOv5's AutoAnchor: best_anchor_iou of
+      every object that trains (not crowd), on at most max_anchor_images images a split (a seeded
+      sample), reported as the fraction at IoU >= 0.7 (an RPN positive) and >= 0.3 (not a
+      negative). Below ANCHOR_FIT_LOW, the profile's anchor sizes scaled by 2^(k/4), k = -3..3,
+      are tried (with a min_size that brings the objects' 5th percentile side up to the smallest
+      anchor, when it is below half of it); the best is suggested when it fits 5 points better.
+    """
+    problems, images, empty, objects, seen = [], {}, {}, {}, {}
+    sizes, gt_boxes, sides = [], [], []
+    for split, ds in datasets.items():
+        problems += [(PROBLEM_KINDS[kind], kind, file, detail) for kind, file, detail in ds.problems]
+        images[split], empty[split] = len(ds), 0
+        sample = set(range(len(ds)))
+        if len(ds) > max_anchor_images:
+            sample = set(np.random.default_rng(0).choice(len(ds), max_anchor_images, replace=False).tolist())
+        for i in tqdm(range(len(ds)), desc=f"check {split}", disable=not progress, leave=False):
+            info, target = ds.images[i], ds.target(i)
+            path = ds.image_path(i)
+            empty[split] += len(target["boxes"]) == 0
+            for label in target["labels"].tolist():
+                objects[ds.class_names[label]] = objects.get(ds.class_names[label], 0) + 1
+            try:
+                content = pathlib.Path(path).read_bytes()
+                with Image.open(io.BytesIO(content)) as im:
+                    width, height = im.size
+            except FileNotFoundError:
+                problems.append(("error", "missing image", str(path), f"named by {info['source']}"))
+                continue
+            except (OSError, UnidentifiedImageError) as e:
+                problems.append(("error", "unreadable image", str(path), f"{type(e).__name__}: {e}"))
+                continue
+            if (width, height) != (info["width"], info["height"]):
+                problems.append(("error", "image size differs", str(path), f"{width}x{height} pixels, but "
+                                 f"{info['source']} says {info['width']}x{info['height']}"))
+            digest = hashlib.sha1(content).hexdigest()
+            if digest in seen:
+                problems.append(("warning", "duplicate image", str(path), f"the same bytes as {seen[digest]}"))
+            seen.setdefault(digest, str(path))
+            boxes, labels = target["boxes"], target["labels"]
+            same_class = labels[:, None] == labels[None, :]                      # (G, G)
+            overlap = torch.triu(box_iou(boxes, boxes) >= DUPLICATE_BOX_IOU, diagonal=1) & same_class
+            for a, b in overlap.nonzero().tolist():
+                problems.append(("warning", "duplicate box", str(info["source"]),
+                                 f"{info['file_name']}: boxes {a} and {b} ({ds.class_names[labels[a]]}) "
+                                 f"overlap with IoU {box_iou(boxes[a:a + 1], boxes[b:b + 1]).item():.2f}"))
+            trains = ~target["iscrowd"]
+            if i in sample and trains.any():
+                sizes.append((height, width))
+                gt_boxes.append(boxes[trains])
+                scale = min(min_size / min(height, width), max_size / max(height, width))
+                wh = (boxes[trains, 2:] - boxes[trains, :2]) * scale
+                sides.append(wh.prod(1).sqrt())
+
+    def fit(anchors, min_side, max_side):
+        return best_anchor_iou(sizes, gt_boxes, min_size=min_side, max_size=max_side, anchor_sizes=anchors).numpy()
+
+    best = fit(anchor_sizes, min_size, max_size)
+    box_sides = torch.cat(sides).numpy() if sides else np.zeros(0)
+    report = DataReport(images, empty, dict(sorted(objects.items())), problems, box_sides, best,
+                        tuple(anchor_sizes), min_size, max_size)
+    if len(best) and (report.anchor_fit(0.7) < ANCHOR_FIT_LOW[0.7] or report.anchor_fit(0.3) < ANCHOR_FIT_LOW[0.3]):
+        # Objects smaller than half the smallest anchor: enlarge the images (min_size), then try
+        # the anchor sizes scaled by quarter octaves, and keep the best fit at 0.7.
+        small = float(np.percentile(box_sides, 5))
+        factor = anchor_sizes[0] / max(small, 1.0) if small < anchor_sizes[0] / 2 else 1.0
+        new_min = int(math.ceil(min_size * factor / 32) * 32)
+        new_max = int(math.ceil(max_size * new_min / min_size / 32) * 32)
+        tried = []
+        for k in range(-3, 4):
+            anchors = tuple(int(round(a * 2 ** (k / 4))) for a in anchor_sizes)
+            if (anchors, new_min) != (tuple(anchor_sizes), min_size):
+                ious = fit(anchors, new_min, new_max)
+                tried.append(((ious >= 0.7).mean(), (ious >= 0.3).mean(), anchors))
+        fit_07, fit_03, anchors = max(tried)
+        if fit_07 >= report.anchor_fit(0.7) + 0.05:
+            report.suggestion = {"anchor_sizes": anchors, "min_size": new_min, "max_size": new_max,
+                                 "fit_07": float(fit_07), "fit_03": float(fit_03)}
+    return report
+
+
+class DataCheckFailed(DatasetError):
+    """check_data found errors: training does not start. The report was printed above."""
+
+
+def check_before_training(data: str, root, cfg, *, verbose: bool = True) -> DataReport:
+    """The check `train` runs on your own data before its first step: check_data on
+    own_datasets(strict=False), the report printed; DataCheckFailed when it lists errors."""
+    train_set, val_set = own_datasets(data, root, seed=cfg.seed, strict=False, quiet=True)
+    report = check_data({"train": train_set, "val": val_set}, min_size=cfg.min_size, max_size=cfg.max_size,
+                        anchor_sizes=tuple(cfg.anchor_sizes), progress=verbose)
+    if verbose:
+        print(f"check-data {data} {root}\n{report}")
+    if report.errors:
+        raise DataCheckFailed(f"check-data found {len(report.errors)} error(s) in {root} (listed above), "
+                              f"the first: {report.errors[0][2]}: {report.errors[0][1]}; training not started")
+    return report
+
+
+# ---- a small dataset of your own, written as annotation tools write theirs ----------------------
+
+GLYPH_CLASSES = ("__background__", "F", "G", "K", "R", "Z")   # letters: classes the shapes model never saw
+_GLYPH_SIDE = (112, 176)          # image width and height are drawn from this range (px)
+_GLYPH_HEIGHT = (14, 72)          # font size range (px); a glyph's box is its drawn pixels
+_GLYPH_MAX_OBJECTS = 4
+
+
+def draw_glyphs_image(rng) -> tuple[np.ndarray, list]:
+    """One image of 0..4 letters (GLYPH_CLASSES) on a noisy gradient: (pixels uint8 (H, W, 3),
+    [(class name, [x1, y1, x2, y2])]) with boxes on the letters' drawn pixels, not overlapping."""
+    from PIL import ImageFont
+    height, width = (int(v) for v in rng.integers(*_GLYPH_SIDE, size=2))
+    ys, xs = np.mgrid[0:height, 0:width] / max(height, width)
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    background = c0 + (c1 - c0) * (xs * rng.uniform(-1, 1) + ys * rng.uniform(-1, 1))[..., None] / 2
+    image = Image.fromarray(np.clip(background + rng.normal(0, 8, (height, width, 3)), 0, 255).astype(np.uint8))
+    objects = []
+    for _ in range(int(rng.integers(0, _GLYPH_MAX_OBJECTS + 1))):
+        name = GLYPH_CLASSES[int(rng.integers(1, len(GLYPH_CLASSES)))]
+        font = ImageFont.load_default(size=int(rng.integers(*_GLYPH_HEIGHT)))
+        mask = Image.new("L", (width, height))
+        x, y = int(rng.integers(0, width * 3 // 4)), int(rng.integers(-4, height * 3 // 4))
+        ImageDraw.Draw(mask).text((x, y), name, fill=255, font=font)
+        box = mask.getbbox()                             # (x1, y1, x2, y2), x2/y2 exclusive, or None
+        if box is None or (box[2] - box[0]) * (box[3] - box[1]) < 64 or any(
+                box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for _, b in objects):
+            continue                                     # off the image, too small, or overlapping
+        colour = tuple(int(v) for v in 255 - np.asarray(image).reshape(-1, 3).mean(0) + rng.integers(-40, 40, 3))
+        image.paste(Image.new("RGB", image.size, colour), mask=mask)
+        objects.append((name, list(box)))
+    return np.asarray(image), objects
+
+
+def write_voc_folder(root, samples) -> pathlib.Path:
+    """Write samples [(file name, pixels (H, W, 3), [(class name, [x1, y1, x2, y2])])] as LabelImg
+    does: root/<name>.png with root/<name>.xml beside it (VOC's 1-based inclusive pixels)."""
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for file_name, pixels, objects in samples:
+        Image.fromarray(pixels).save(root / file_name, compress_level=1)
+        height, width = pixels.shape[:2]
+        xml = "".join(f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x1 + 1}</xmin>"
+                      f"<ymin>{y1 + 1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+                      for name, (x1, y1, x2, y2) in objects)
+        (root / file_name).with_suffix(".xml").write_text(
+            f"<annotation><folder>{root.name}</folder><filename>{file_name}</filename><size><width>{width}"
+            f"</width><height>{height}</height><depth>3</depth></size>{xml}</annotation>\n")
+    return root
+
+
+def write_coco_folder(root, samples, class_names) -> pathlib.Path:
+    """Write samples (as write_voc_folder's) as CVAT exports COCO: root/images/<name> and one
+    json for all, root/annotations/instances_default.json (bbox [x, y, w, h], ids from 1)."""
+    root = pathlib.Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    cat_id = {name: k for k, name in enumerate(class_names) if k > 0}
+    images, annotations = [], []
+    for image_id, (file_name, pixels, objects) in enumerate(samples, start=1):
+        Image.fromarray(pixels).save(root / "images" / file_name, compress_level=1)
+        images.append({"id": image_id, "file_name": file_name, "width": pixels.shape[1], "height": pixels.shape[0]})
+        for name, (x1, y1, x2, y2) in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[name],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    _write_json_atomic(root / "annotations" / "instances_default.json",
+                       {"images": images, "annotations": annotations,
+                        "categories": [{"id": k, "name": n} for n, k in cat_id.items()]})
+    return root
+
+
+def build_glyphs_dataset(root, *, num_images: int = 200, seed: int = 0) -> tuple[pathlib.Path, pathlib.Path]:
+    """Notebook 07's own data: num_images images of letters (draw_glyphs_image), written twice,
+    root/voc in LabelImg's layout (no ImageSets) and root/coco as CVAT's COCO export (one json
+    for all). Deterministic by seed. Returns (voc folder, coco folder)."""
+    root = pathlib.Path(root)
+    samples = []
+    for i in tqdm(range(1, num_images + 1), desc="glyphs", unit="img", leave=False):
+        pixels, objects = draw_glyphs_image(np.random.default_rng([seed, i]))
+        samples.append((f"{i:05d}.png", pixels, objects))
+    return write_voc_folder(root / "voc", samples), write_coco_folder(root / "coco", samples, GLYPH_CLASSES)
 
 
 # ---- transforms and batching -----------------------------------------------------------------
@@ -1975,6 +2399,11 @@ class FasterRCNN(nn.Module):
 
     def load_torchvision_state_dict(self, state_dict: dict) -> "FasterRCNN":
         """Load torchvision's fasterrcnn_resnet50_fpn weights (strictly: every key used)."""
+        self.load_state_dict(self.from_torchvision_keys(state_dict), strict=True)
+        return self
+
+    def from_torchvision_keys(self, state_dict: dict) -> dict:
+        """torchvision's fasterrcnn_resnet50_fpn state dict with this model's key names."""
         renames = (("backbone.fpn.inner_blocks.", "backbone.fpn.lateral."),
                    ("backbone.fpn.layer_blocks.", "backbone.fpn.output."),
                    ("rpn.head.conv.0.0.", "rpn.head.conv."))
@@ -1990,8 +2419,7 @@ class FasterRCNN(nn.Module):
                     isinstance(m, nn.BatchNorm2d) for m in self.backbone.modules()):
                 continue  # frozen BatchNorm keeps no step counter
             converted[key] = value
-        self.load_state_dict(converted, strict=True)
-        return self
+        return converted
 
 
 def check_targets(images: list[Tensor], targets) -> None:
@@ -2143,20 +2571,16 @@ def resolve(path) -> pathlib.Path:
 
 def make_datasets(cfg: TrainConfig, *, data_root=None, quiet=False):
     """(train set with flips, validation set) for cfg.data; the embedded set is built on first use
-    (quiet=True: no message when it is reused)."""
+    (quiet=True: no message when it is reused); "coco" and "voc" read any folder that
+    own_datasets reads (COCO 2017 and Pascal VOC included)."""
     root = resolve(data_root or cfg.data_root)
     if cfg.data == "shapes":
         root = build_shapes_dataset(root, num_train=cfg.num_train, num_val=cfg.num_val, quiet=quiet)
         train = CocoDetection(root / "train", root / "annotations" / "instances_train.json",
                               transforms=RandomHorizontalFlip(0.5))
         val = CocoDetection(root / "val", root / "annotations" / "instances_val.json")
-    elif cfg.data == "coco":
-        train = CocoDetection(root / "train2017", root / "annotations" / "instances_train2017.json",
-                              transforms=RandomHorizontalFlip(0.5))
-        val = CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json")
-    elif cfg.data == "voc":
-        train = VOCDetection(root, image_set="train", transforms=RandomHorizontalFlip(0.5))
-        val = VOCDetection(root, image_set="val")
+    elif cfg.data in ("coco", "voc"):   # COCO 2017, VOC, or your own folder in either format
+        train, val = own_datasets(cfg.data, root, seed=cfg.seed, quiet=quiet)
     else:
         raise ValueError(f"unknown data {cfg.data!r}: expected 'shapes', 'coco' or 'voc'")
     return train, val
@@ -2366,13 +2790,16 @@ class TrainingRun:
 
 
 def setup_run(cfg: TrainConfig, *, out_dir, resume: bool, device, data_root=None,
-              model: nn.Module | None = None) -> TrainingRun:
-    """The datasets, the model (ImageNet weights where the profile asks), the optimiser and its
-    schedule, DDP when this process is one of several; the state of last.pt when resuming."""
+              model: nn.Module | None = None, init=None) -> TrainingRun:
+    """The datasets (your own checked first: check_before_training), the model (ImageNet weights
+    where the profile asks, or a trained model's with init: init_from_checkpoint), the optimiser
+    and its schedule, DDP when this process is one of several; the state of last.pt when resuming."""
     rank, world = _distributed(device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    if cfg.data in ("coco", "voc"):   # every process checks (and stops) alike; rank 0 prints the report
+        check_before_training(cfg.data, resolve(data_root or cfg.data_root), cfg, verbose=rank == 0)
     seed_everything(cfg.seed + rank)
     # The dataset is built (when missing) by rank 0 only; the others wait for it, then read it quietly.
     if rank == 0:
@@ -2387,7 +2814,10 @@ def setup_run(cfg: TrainConfig, *, out_dir, resume: bool, device, data_root=None
     last = resolve(out_dir) / "last.pt"
     resuming = resume and last.is_file()
     if model is None:   # a model passed in is used as it is; only our own gets ImageNet weights
-        model, cfg = _build_with_backbone_weights(cfg, len(class_names), load=not resuming, verbose=rank == 0)
+        model, cfg = _build_with_backbone_weights(cfg, len(class_names), load=not (resuming or init),
+                                                  verbose=rank == 0)
+    if init and not resuming:
+        init_from_checkpoint(model, init, class_names, verbose=rank == 0)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if cfg.optimizer == "sgd" and world > 1:  # the linear scaling rule (Goyal et al., 2017)
         cfg = replace(cfg, lr=cfg.lr * world)
@@ -2436,6 +2866,78 @@ def _restore(run: TrainingRun, ckpt: dict) -> None:
     _set_rng_state(ckpt["rng"][run.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
 
 
+PREDICTOR = "roi_heads.box_predictor."   # the only weights that depend on the classes
+
+
+def init_from_checkpoint(model: nn.Module, source, class_names, *, verbose: bool = True) -> nn.Module:
+    """Transfer learning: load a trained detector's weights into `model` (in place; returned).
+
+    source: a checkpoint that train wrote, a file of torchvision's fasterrcnn_resnet50_fpn state
+    dict, or "torchvision" for torchvision's COCO weights (downloaded, when that is possible).
+    Every weight is loaded; when the classes differ (the source's class_names, COCO_CLASSES for
+    torchvision's, against `class_names`), the box predictor keeps its fresh random weights (its
+    outputs are one per class). Any other weight that is missing or of another shape is an error
+    naming it: the source must be a model of the same architecture (the same profile).
+    """
+    where = f"--init {source}"
+    if str(source) == "torchvision":
+        state = torchvision_detector_state_dict()
+        if state is None:
+            raise ValueError(f"{where}: torchvision's COCO weights cannot be had here (no download); "
+                             "pass the path of a local copy of the .pth file instead")
+        state, source_classes = model.from_torchvision_keys(state), COCO_CLASSES
+    else:
+        path = pathlib.Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: no such file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # unpickling errors come in many types; all mean the same here
+            raise ValueError(f"{where}: not a checkpoint ({type(err).__name__}: {err})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{where}: not a checkpoint (a {type(state).__name__}, not a dict)")
+        if "model" in state and "class_names" in state:                 # one of ours
+            state, source_classes = state["model"], tuple(state["class_names"])
+        else:                                                           # torchvision's state dict
+            state = model.from_torchvision_keys(state)
+            source_classes = COCO_CLASSES if len(state.get(PREDICTOR + "cls_score.weight", ())) == 91 else None
+    same_classes = source_classes is not None and tuple(source_classes) == tuple(class_names)
+    merged, misfits = {}, []
+    for key, value in model.state_dict().items():
+        if key.startswith(PREDICTOR) and not same_classes:
+            merged[key] = value                                         # fresh: one output per new class
+        elif key in state and state[key].shape == value.shape:
+            merged[key] = state[key]
+        else:
+            misfits.append(f"{key} {tuple(value.shape)} vs {tuple(state[key].shape) if key in state else 'missing'}")
+    if misfits:
+        raise ValueError(f"{where}: {len(misfits)} weights do not fit this model (the first: {misfits[0]}); "
+                         "--init needs a model of the same architecture (profile)")
+    model.load_state_dict(merged)
+    if verbose:
+        kept = len(merged) - (0 if same_classes else sum(k.startswith(PREDICTOR) for k in merged))
+        change = ("same classes" if same_classes else
+                  f"classes differ ({len(source_classes or ()) - 1 if source_classes else '?'} -> "
+                  f"{len(class_names) - 1}): the box predictor starts afresh")
+        print(f"{where}: {kept} of {len(merged)} weights loaded, {change}")
+    return model
+
+
+def freeze_backbone(run: TrainingRun, frozen: bool) -> None:
+    """Freeze the backbone (ResNet + FPN: no gradients, no updates) or give back the profile's
+    trainable layers; under DDP the wrapper is rebuilt, since it registers the trainable
+    parameters when it is made. BatchNorm's running statistics still follow the new data."""
+    if frozen == (not any(p.requires_grad for p in run.model.backbone.parameters())):
+        return
+    run.model.backbone.requires_grad_(not frozen)
+    if not frozen:
+        run.model.backbone.body.freeze(run.cfg.trainable_backbone_layers)
+    if run.world > 1:
+        run.net = nn.parallel.DistributedDataParallel(run.model)
+    if run.rank == 0:
+        print(f"epoch {run.epoch + 1}: backbone {'frozen' if frozen else 'trainable again'}")
+
+
 def epoch_loader(run: TrainingRun, epoch: int):
     """The epoch's batches: a new loader seeded by the epoch, so a resumed run sees the same order;
     under DDP each process gets its own share of the images."""
@@ -2470,7 +2972,7 @@ def end_epoch(run: TrainingRun, *, progress: bool) -> None:
 
 def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=None, data_root=None,
           stop_after_epochs: int | None = None, progress: bool = True, deterministic: bool = False,
-          model: nn.Module | None = None) -> dict:
+          model: nn.Module | None = None, init=None, freeze_backbone_epochs: int = 0) -> dict:
     """Train a detector as cfg says, in this process (one of several under DDP: torchrun, or
     train_in_processes); write out_dir/last.pt, best.pt and metrics.json; return what
     metrics.json holds.
@@ -2480,15 +2982,21 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
     as it is (same call signature and loss names; the side-by-side benchmark passes torchvision's
     detector). deterministic=True makes a CPU run repeatable to the last bit (one thread,
     deterministic kernels), so that a resumed run ends with the weights of an uninterrupted one;
-    it sets both process-wide.
+    it sets both process-wide. init: start from a trained model's weights (init_from_checkpoint);
+    freeze_backbone_epochs: the backbone stays frozen for that many first epochs (freeze_backbone).
+    Your own data (cfg.data "coco" or "voc") is checked first: errors stop the run before its
+    first step (check_before_training).
     """
     if deterministic:
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(1)
     device = torch.device(device) if device else DEVICE
-    run = setup_run(cfg, out_dir=out_dir, resume=resume, device=device, data_root=data_root, model=model)
+    run = setup_run(cfg, out_dir=out_dir, resume=resume, device=device, data_root=data_root, model=model,
+                    init=init)
     last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, run.epoch + stop_after_epochs)
     while run.epoch < last_epoch:
+        if freeze_backbone_epochs:
+            freeze_backbone(run, run.epoch < freeze_backbone_epochs)
         start = time.perf_counter()
         try:
             train_one_epoch(run.net, epoch_loader(run, run.epoch), run.optimizer, run.scheduler,
@@ -2971,7 +3479,7 @@ def average_precision(predictions, targets, *, class_names=None, return_details=
 
 
 # =============================================================================================
-# CLI: python -m frcnn_common data | train | evaluate | predict
+# CLI: python -m frcnn_common data | train | evaluate | predict | check-data
 # =============================================================================================
 
 def predict_images(model: nn.Module, paths, *, out_dir, class_names, device, score_thresh: float = 0.5,
@@ -3016,7 +3524,7 @@ def draw_boxes(ax, image: Tensor, boxes: Tensor, texts=(), *, color="lime", line
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m frcnn_common",
-                                     description="Faster R-CNN from scratch: data, train, evaluate, predict.")
+                                     description="Faster R-CNN from scratch: data, train, evaluate, predict, check-data.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("data", help="build the embedded shapes dataset (idempotent)")
     p.add_argument("--root", default="data/shapes")
@@ -3036,7 +3544,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: runs/<profile>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from a trained model: a checkpoint of ours, a torchvision "
+                        "fasterrcnn_resnet50_fpn .pth, or 'torchvision' (its COCO weights, downloaded); "
+                        "the box predictor starts afresh when the classes differ")
+    p.add_argument("--freeze-backbone-epochs", type=int, default=0, metavar="N",
+                   help="keep the backbone (ResNet + FPN) frozen for the first N epochs")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("check-data", help="check your own COCO or VOC folder before training")
+    p.add_argument("--data", choices=["coco", "voc"], required=True)
+    p.add_argument("--data-root", required=True, help="the dataset folder")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
+                   help="whose image size and anchors the fit is measured with")
 
     p = sub.add_parser("evaluate", help="COCO metrics of a checkpoint on a validation set")
     p.add_argument("--checkpoint", required=True)
@@ -3058,6 +3578,14 @@ def main(argv=None) -> int:
         build_shapes_dataset(resolve(args.root), seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                              force=args.force)
         return 0
+    if args.command == "check-data":   # exit status 1 when the report lists errors
+        cfg = PROFILES[args.profile]
+        try:
+            check_before_training(args.data, resolve(args.data_root), cfg)
+        except DataCheckFailed as err:
+            print(err, file=sys.stderr)
+            return 1
+        return 0
     if args.command == "train":
         cfg = PROFILES[args.profile]
         if args.data:
@@ -3069,7 +3597,8 @@ def main(argv=None) -> int:
             cfg = replace(cfg, epochs=args.epochs)
         try:
             train_in_processes(cfg, out_dir=args.out or f"runs/{args.profile}", resume=args.resume,
-                               device=args.device, data_root=args.data_root, progress=not args.no_progress)
+                               device=args.device, data_root=args.data_root, progress=not args.no_progress,
+                               init=args.init, freeze_backbone_epochs=args.freeze_backbone_epochs)
         except TrainingDiverged as err:
             print(f"training stopped: {err}", file=sys.stderr)
             return 1
