@@ -1033,10 +1033,7 @@ def check_data(datasets: dict, *, min_size: int, max_size: int, anchor_sizes, pr
             if (width, height) != (info["width"], info["height"]):
                 problems.append(("error", "image size differs", str(path), f"{width}x{height} pixels, but "
                                  f"{info['source']} says {info['width']}x{info['height']}"))
-            digest = hashlib.sha1(content).hexdigest()
-            if digest in seen:
-                problems.append(("warning", "duplicate image", str(path), f"the same bytes as {seen[digest]}"))
-            seen.setdefault(digest, str(path))
+            seen.setdefault(hashlib.sha1(content).hexdigest(), set()).add(str(path))
             boxes, labels = target["boxes"], target["labels"]
             same_class = labels[:, None] == labels[None, :]                      # (G, G)
             overlap = torch.triu(box_iou(boxes, boxes) >= DUPLICATE_BOX_IOU, diagonal=1) & same_class
@@ -1051,6 +1048,11 @@ def check_data(datasets: dict, *, min_size: int, max_size: int, anchor_sizes, pr
                 scale = min(min_size / min(height, width), max_size / max(height, width))
                 wh = (boxes[trains, 2:] - boxes[trains, :2]) * scale
                 sides.append(wh.prod(1).sqrt())
+
+    for paths in seen.values():   # the same bytes in several files: each after the first, by name
+        first, *others = sorted(paths)
+        problems += [("warning", "duplicate image", p, f"the same bytes as {first}") for p in others]
+    problems = list(dict.fromkeys(problems))   # a split of one json for all: its problems are the other's too
 
     def fit(anchors, min_side, max_side):
         return best_anchor_iou(sizes, gt_boxes, min_size=min_side, max_size=max_side, anchor_sizes=anchors).numpy()
@@ -1071,8 +1073,8 @@ def check_data(datasets: dict, *, min_size: int, max_size: int, anchor_sizes, pr
             anchors = tuple(int(round(a * 2 ** (k / 4))) for a in anchor_sizes)
             if (anchors, new_min) != (tuple(anchor_sizes), min_size):
                 ious = fit(anchors, new_min, new_max)
-                tried.append(((ious >= 0.7).mean(), (ious >= 0.3).mean(), anchors))
-        fit_07, fit_03, anchors = max(tried)
+                tried.append(((ious >= 0.7).mean(), ious.mean(), (ious >= 0.3).mean(), anchors))
+        fit_07, _, fit_03, anchors = max(tried)        # the best fit at 0.7; on a tie, the best mean IoU
         if fit_07 >= report.anchor_fit(0.7) + 0.05:
             report.suggestion = {"anchor_sizes": anchors, "min_size": new_min, "max_size": new_max,
                                  "fit_07": float(fit_07), "fit_03": float(fit_03)}
@@ -1083,12 +1085,12 @@ class DataCheckFailed(DatasetError):
     """check_data found errors: training does not start. The report was printed above."""
 
 
-def check_before_training(data: str, root, cfg, *, verbose: bool = True) -> DataReport:
+def check_before_training(data: str, root, cfg, *, verbose: bool = True, progress: bool = True) -> DataReport:
     """The check `train` runs on your own data before its first step: check_data on
     own_datasets(strict=False), the report printed; DataCheckFailed when it lists errors."""
     train_set, val_set = own_datasets(data, root, seed=cfg.seed, strict=False, quiet=True)
     report = check_data({"train": train_set, "val": val_set}, min_size=cfg.min_size, max_size=cfg.max_size,
-                        anchor_sizes=tuple(cfg.anchor_sizes), progress=verbose)
+                        anchor_sizes=tuple(cfg.anchor_sizes), progress=verbose and progress)
     if verbose:
         print(f"check-data {data} {root}\n{report}")
     if report.errors:
@@ -2790,7 +2792,7 @@ class TrainingRun:
 
 
 def setup_run(cfg: TrainConfig, *, out_dir, resume: bool, device, data_root=None,
-              model: nn.Module | None = None, init=None) -> TrainingRun:
+              model: nn.Module | None = None, init=None, progress: bool = True) -> TrainingRun:
     """The datasets (your own checked first: check_before_training), the model (ImageNet weights
     where the profile asks, or a trained model's with init: init_from_checkpoint), the optimiser
     and its schedule, DDP when this process is one of several; the state of last.pt when resuming."""
@@ -2799,7 +2801,8 @@ def setup_run(cfg: TrainConfig, *, out_dir, resume: bool, device, data_root=None
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if cfg.data in ("coco", "voc"):   # every process checks (and stops) alike; rank 0 prints the report
-        check_before_training(cfg.data, resolve(data_root or cfg.data_root), cfg, verbose=rank == 0)
+        check_before_training(cfg.data, resolve(data_root or cfg.data_root), cfg, verbose=rank == 0,
+                              progress=progress)
     seed_everything(cfg.seed + rank)
     # The dataset is built (when missing) by rank 0 only; the others wait for it, then read it quietly.
     if rank == 0:
@@ -2992,7 +2995,7 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
         torch.set_num_threads(1)
     device = torch.device(device) if device else DEVICE
     run = setup_run(cfg, out_dir=out_dir, resume=resume, device=device, data_root=data_root, model=model,
-                    init=init)
+                    init=init, progress=progress)
     last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, run.epoch + stop_after_epochs)
     while run.epoch < last_epoch:
         if freeze_backbone_epochs:
