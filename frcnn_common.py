@@ -381,7 +381,7 @@ def _warn_repaired(source, clipped_ids, dropped_ids):
     if dropped_ids:
         parts.append(f"{len(dropped_ids)} boxes with no area inside the image were dropped "
                      f"(annotations {some(dropped_ids)})")
-    warnings.warn(f"{source}: " + "; ".join(parts), DatasetWarning, stacklevel=3)
+    warnings.warn(f"{source}: " + "; ".join(parts), DatasetWarning, stacklevel=4)  # at the reader's caller
 
 
 def _make_target(boxes, labels, iscrowd, image_id):
