@@ -849,8 +849,13 @@ def own_datasets(data: str, root, *, class_names=None, seed: int = 0, val_fracti
         files = coco_files(root)
         if "all" not in files:
             (train_dir, train_ann), (val_dir, val_ann) = files["train"], files["val"]
-            return (CocoDetection(train_dir, train_ann, transforms=flip, strict=strict),
-                    CocoDetection(val_dir, val_ann, strict=strict))
+            train = CocoDetection(train_dir, train_ann, transforms=flip, strict=strict)
+            val = CocoDetection(val_dir, val_ann, strict=strict)
+            if train.class_names != val.class_names:
+                raise DatasetError(f"{val_ann}: its categories {val.class_names[1:]} are not those of "
+                                   f"{train_ann} {train.class_names[1:]}")
+            say(f"classes (from {train_ann.name}): {', '.join(train.class_names[1:])}")
+            return train, val
         image_dir, ann_file = files["all"]
         ids = [img.get("id") for img in _read_coco_json(ann_file)["images"] if isinstance(img, dict)]
         train_ids, val_ids = split_ids(ids, val_fraction=val_fraction, seed=seed)
@@ -858,6 +863,7 @@ def own_datasets(data: str, root, *, class_names=None, seed: int = 0, val_fracti
             f"{len(train_ids)} train and {len(val_ids)} val images; val ids {_some(val_ids)}")
         train = CocoDetection(image_dir, ann_file, transforms=flip, image_ids=train_ids, strict=strict)
         val = CocoDetection(image_dir, ann_file, image_ids=val_ids, strict=strict)
+        say(f"classes (from {ann_file.name}): {', '.join(train.class_names[1:])}")
     elif data == "voc":
         xml_files = voc_xml_files(root)
         names = voc_class_names(xml_files) if class_names is None else class_names

@@ -83,7 +83,9 @@ def test_coco_one_json_for_all_is_split_by_seed(tmp_path, capsys):
     assert (root / "annotations" / "instances_default.json").is_file() and (root / "images" / "001.png").is_file()
     assert fc.coco_files(root) == {"all": (root / "images", root / "annotations" / "instances_default.json")}
     train, val = fc.own_datasets("coco", root, seed=3)
-    assert "instances_default.json holds all 10 images: seeded split (seed 3) into 8 train and 2 val" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "instances_default.json holds all 10 images: seeded split (seed 3) into 8 train and 2 val" in out
+    assert "classes (from instances_default.json): fox, owl\n" in out
     expected_train, expected_val = fc.split_ids(range(1, 11), seed=3)
     assert train.image_ids == expected_train and val.image_ids == expected_val
     assert val.image_ids == fc.own_datasets("coco", root, seed=3, quiet=True)[1].image_ids
