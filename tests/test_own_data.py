@@ -211,13 +211,13 @@ def test_anchor_fit_by_hand():
 def test_anchor_fit_equals_all_anchors():
     """The nearest-centre shortcut gives the best IoU over every anchor of the image's grid."""
     gen = torch.Generator().manual_seed(0)
-    sizes = [(int(h), int(w)) for h, w in torch.randint(50, 500, (25, 2), generator=gen)]
+    sizes = [(int(h), int(w)) for h, w in torch.randint(40, 400, (16, 2), generator=gen)]
     boxes = []
     for h, w in sizes:
         xy = torch.rand(5, 2, generator=gen) * torch.tensor([w, h]) * 0.8
         wh = torch.rand(5, 2, generator=gen) * torch.tensor([w, h]) * 0.6 + 2
         boxes.append(torch.cat([xy, torch.minimum(xy + wh, torch.tensor([w, h]).float())], 1))
-    cfg = fc.PROFILES["cpu"]
+    cfg = SMOKE                                     # a tiny backbone: its feature maps' sizes are what count
     model = fc.build_model(cfg, 2).eval()
     expected = []
     for (h, w), b in zip(sizes, boxes):
