@@ -1010,7 +1010,8 @@ def check_data(datasets: dict, *, min_size: int, max_size: int, anchor_sizes, pr
       sample), reported as the fraction at IoU >= 0.7 (an RPN positive) and >= 0.3 (not a
       negative). Below ANCHOR_FIT_LOW, the profile's anchor sizes scaled by 2^(k/4), k = -3..3,
       are tried (with a min_size that brings the objects' 5th percentile side up to the smallest
-      anchor, when it is below half of it); the best is suggested when it fits 5 points better.
+      anchor, when it is below half of it); the best at 0.7 that keeps the fit at 0.3 (or
+      ANCHOR_FIT_LOW's) is suggested when it fits 5 points better at 0.7.
     """
     problems, images, empty, objects, seen = [], {}, {}, {}, {}
     sizes, gt_boxes, sides = [], [], []
@@ -1080,7 +1081,9 @@ def check_data(datasets: dict, *, min_size: int, max_size: int, anchor_sizes, pr
             if (anchors, new_min) != (tuple(anchor_sizes), min_size):
                 ious = fit(anchors, new_min, new_max)
                 tried.append(((ious >= 0.7).mean(), ious.mean(), (ious >= 0.3).mean(), anchors))
-        fit_07, _, fit_03, anchors = max(tried)        # the best fit at 0.7; on a tie, the best mean IoU
+        floor_03 = min(report.anchor_fit(0.3), ANCHOR_FIT_LOW[0.3])   # not at the cost of the fit at 0.3
+        fit_07, _, fit_03, anchors = max((t for t in tried if t[2] >= floor_03), default=(0, 0, 0, None))
+        # (the best fit at 0.7; on a tie, the best mean IoU)
         if fit_07 >= report.anchor_fit(0.7) + 0.05:
             report.suggestion = {"anchor_sizes": anchors, "min_size": new_min, "max_size": new_max,
                                  "fit_07": float(fit_07), "fit_03": float(fit_03)}
