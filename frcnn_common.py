@@ -2,13 +2,13 @@
 
 One section per notebook, in notebook order:
 
-    01 data        embedded dataset, COCO / VOC readers, transforms, batching
+    01 data        embedded dataset, COCO / VOC readers, your own data and check-data, transforms, batching
     02 backbone    Bottleneck, ResNet50, FPN
     03 rpn         anchors, box coding, matching, sampling, RPN head and loss, NMS, proposals
     04 roi heads   RoIAlign, level mapping, box head, predictor, RoI sampling and loss, FasterRCNN
-    05 training    profiles, training loop, checkpoints, DDP
+    05 training    profiles, training loop, checkpoints, transfer (init), DDP
     06 inference   detection, COCO evaluation (pycocotools and from scratch), prediction
-    CLI            python -m frcnn_common data | train | evaluate | predict
+    CLI            python -m frcnn_common data | train | evaluate | predict | check-data
 
 Conventions, said once:
 - Boxes are (x1, y1, x2, y2) in absolute pixels ("xyxy"), float32.
@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
 import os
 import pathlib
 import random
+import re
 import sys
 import time
 import warnings
@@ -56,7 +58,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # =============================================================================================
-# 01 data: embedded dataset, COCO / VOC readers, transforms, batching
+# 01 data: embedded dataset, COCO / VOC readers, your own data and check-data, transforms, batching
+#   index of your own data (notebook 07): DetectionFiles (the readers' base), coco_files,
+#   voc_xml_files, voc_class_names, split_ids, own_datasets, best_anchor_iou, check_data,
+#   DataReport, check_before_training, DataCheckFailed; GLYPH_CLASSES, draw_glyphs_image,
+#   write_voc_folder, write_coco_folder, build_glyphs_dataset (notebook 07's letters)
 # =============================================================================================
 """Section 01. Everything a detector eats, in one format.
 
@@ -73,7 +79,10 @@ that fills a W-pixel-wide image has x1 = 0 and x2 = W, and its width is x2 - x1.
 Names:
     SHAPES_CLASSES, build_shapes_dataset   the embedded dataset, written in COCO format
     load_image                             any PNG/JPEG mode -> FloatTensor[3, H, W]
+    DetectionFiles                         the readers' base: clip, warn, group, ds[i]
     CocoDetection, VOCDetection            readers; class_names[0] == "__background__"
+    own_datasets, split_ids                your own COCO / VOC folder, split by seed when it has no splits
+    check_data, best_anchor_iou            problems with their files, and the anchors' best possible recall
     RandomHorizontalFlip, Compose          transforms on (image, target) pairs
     collate_fn, make_data_loader           batches are lists: images differ in size
     DatasetError, DatasetWarning           bad input gets a clear answer
@@ -372,7 +381,7 @@ def _warn_repaired(source, clipped_ids, dropped_ids):
     if dropped_ids:
         parts.append(f"{len(dropped_ids)} boxes with no area inside the image were dropped "
                      f"(annotations {some(dropped_ids)})")
-    warnings.warn(f"{source}: " + "; ".join(parts), DatasetWarning, stacklevel=3)
+    warnings.warn(f"{source}: " + "; ".join(parts), DatasetWarning, stacklevel=4)  # at the reader's caller
 
 
 def _make_target(boxes, labels, iscrowd, image_id):
@@ -389,10 +398,92 @@ def _check_size(path, image, width, height, source):
                            f"{source} says {width}x{height}")
 
 
+# ---- the readers' shared base ------------------------------------------------------------------
+
+class DetectionFiles(torch.utils.data.Dataset):
+    """What the COCO and VOC readers share, once: image files with boxes in one list each.
+
+    A reader parses its annotation format, then hands every box to _group_boxes:
+        images            [{"file_name", "width", "height", "path", ...}, ...]  one dict an image
+        box_image         Int[A]     the index in `images` of each box (A boxes in all)
+        boxes             Float[A, 4] xyxy, 0-based pixel edges (the section's convention)
+        labels, iscrowd   Int64[A], Bool[A]
+        box_ids           what a warning calls each box (a COCO annotation id, "a.xml/object 0")
+        box_files         the annotation file that holds each box (for check-data's report)
+    _group_boxes clips the boxes to their images, drops what has nothing left, warns once
+    (naming them), and groups the survivors by image. Then, for every reader:
+        ds[i] -> (FloatTensor[3, H, W], target)   target(i) without reading the image
+        image_path(i), problems (what check_data reports: (kind, file, detail), see there)
+    """
+    kind = "DetectionFiles"
+
+    def _group_boxes(self, source, box_image, boxes, labels, iscrowd, box_ids, box_files) -> None:
+        box_image = np.asarray(box_image, np.int64).reshape(-1)
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        widths = np.array([self.images[i]["width"] for i in box_image], np.float64)
+        heights = np.array([self.images[i]["height"] for i in box_image], np.float64)
+        degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])   # before clipping
+        boxes, changed, keep = _clip_boxes(boxes, widths, heights)
+        self.clipped_ann_ids = [a for a, c in zip(box_ids, changed) if c]
+        self.dropped_ann_ids = [a for a, k in zip(box_ids, keep) if not k]
+        _warn_repaired(source, self.clipped_ann_ids, self.dropped_ann_ids)
+        for k in np.flatnonzero(~keep | changed):
+            kind = ("degenerate box" if degenerate[k] else
+                    "box outside the image" if not keep[k] else "box partly outside the image")
+            what = "dropped" if not keep[k] else "clipped"
+            self.problems.append((kind, str(box_files[k]), f"{box_ids[k]}: {what}"))
+
+        # Group the surviving boxes by image: per image Float[N, 4], Int64[N], Bool[N].
+        labels, iscrowd = np.asarray(labels, np.int64), np.asarray(iscrowd, bool)
+        order = np.argsort(box_image[keep], kind="stable")
+        per_image = np.bincount(box_image[keep], minlength=len(self.images))
+        splits = np.cumsum(per_image)[:-1]
+        self._boxes = np.split(boxes[keep][order], splits)
+        self._labels = np.split(labels[keep][order], splits)
+        self._iscrowd = np.split(iscrowd[keep][order], splits)
+
+    def __len__(self):
+        return len(self.images)
+
+    def image_path(self, index) -> pathlib.Path:
+        return self.images[index]["path"]
+
+    def target(self, index):
+        """The target of image `index` without reading the image (no transforms applied)."""
+        return _make_target(self._boxes[index], self._labels[index], self._iscrowd[index],
+                            self.image_ids[index])
+
+    def __getitem__(self, index):
+        info = self.images[index]
+        image = load_image(info["path"])
+        _check_size(info["path"], image, info["width"], info["height"], info["source"])
+        target = self.target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __repr__(self):
+        return f"{self.kind}({len(self)} images, {self.num_classes - 1} classes, {self.where})"
+
+
+def _class_labels(class_names) -> dict:
+    """{name: label} for class names given by the user; "__background__" is put in front when it
+    is not already first, and may appear nowhere else (it is label 0)."""
+    names = list(class_names)
+    if not names or names[0] != "__background__":
+        names.insert(0, "__background__")
+    if "__background__" in names[1:]:
+        raise DatasetError("class_names: '__background__' is reserved for label 0 and can only come first")
+    if len(set(names)) != len(names):
+        raise DatasetError(f"class_names has duplicates: {names}")
+    return {name: label for label, name in enumerate(names)}
+
+
 # ---- COCO ------------------------------------------------------------------------------------
 
-class CocoDetection(torch.utils.data.Dataset):
-    """COCO 2017, or any set in COCO format (a folder of images and an instances_*.json).
+class CocoDetection(DetectionFiles):
+    """COCO 2017, or any set in COCO format (a folder of images and an instances_*.json), as
+    CVAT, Label Studio and Roboflow export it.
 
     ds[i] -> (image FloatTensor[3, H, W], target dict); see the section docstring.
     COCO category ids (1..90 with gaps in COCO 2017, or anything, even 0) become contiguous
@@ -401,19 +492,24 @@ class CocoDetection(torch.utils.data.Dataset):
         class_names      tuple, class_names[0] == "__background__", class_names[label]
         label_to_cat_id  {label: category id}      cat_id_to_label  {category id: label}
         image_ids        COCO image ids, ds[i] is image_ids[i] (sorted)
-        images           [{"id", "file_name", "width", "height"}, ...], in the same order
+        images           [{"id", "file_name", "width", "height", "path"}, ...], in the same order
         target(i)        image i's target without reading the image (for counts and evaluation)
+    image_ids=[...] reads only those images (one json for all, split by split_ids).
     The annotation file is checked when the dataset is built, not later in a loader worker:
     malformed JSON, missing keys, a bbox that is not 4 numbers or an unknown category or image id
-    raise DatasetError naming the file. Boxes partly outside their image are clipped, boxes with
+    raise DatasetError naming the file (strict=False: unknown ids are skipped and listed in
+    `problems` instead, for check_data). Boxes partly outside their image are clipped, boxes with
     nothing left are dropped, and one DatasetWarning names them. Crowd regions are kept with
     iscrowd True; images without boxes are kept as negatives.
     """
+    kind = "CocoDetection"
 
-    def __init__(self, image_dir, ann_file, *, transforms=None):
+    def __init__(self, image_dir, ann_file, *, transforms=None, image_ids=None, strict=True):
         self.image_dir = pathlib.Path(image_dir)
         self.ann_file = pathlib.Path(ann_file)
         self.transforms = transforms
+        self.where = f"images {self.image_dir}, annotations {self.ann_file}"
+        self.problems = []
         data = _read_coco_json(self.ann_file)
 
         def bad(what):
@@ -443,18 +539,22 @@ class CocoDetection(torch.utils.data.Dataset):
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in size):
                 raise bad(f"image id {img['id']}: width and height must be positive numbers, got {size}")
             self.images.append({"id": img["id"], "file_name": img["file_name"],
-                                "width": int(img["width"]), "height": int(img["height"])})
+                                "width": int(img["width"]), "height": int(img["height"]),
+                                "path": self.image_dir / img["file_name"], "source": self.ann_file})
         self.images.sort(key=lambda img: img["id"])             # a stable order, whatever the file's
-        position = {img["id"]: k for k, img in enumerate(self.images)}   # image id -> index
-        if len(position) != len(self.images):
-            ids = [img["id"] for img in self.images]
+        ids = [img["id"] for img in self.images]
+        if len(set(ids)) != len(ids):
             twice = next(i for i, j in zip(ids, ids[1:]) if i == j)
             raise bad(f"image id {twice} appears twice in 'images'")
+        all_ids = set(ids)
+        if image_ids is not None:                               # one split of a json for all
+            wanted = set(image_ids)
+            self.images = [img for img in self.images if img["id"] in wanted]
+        position = {img["id"]: k for k, img in enumerate(self.images)}   # image id -> index
         self.image_ids = [img["id"] for img in self.images]
 
         anns = data["annotations"]
-        ann_ids, image_index, labels, crowd = [], [], [], []
-        boxes = np.zeros((len(anns), 4), np.float64)           # (A, 4) xywh, then xyxy
+        ann_ids, image_index, labels, crowd, boxes = [], [], [], [], []
         for k, ann in enumerate(anns):
             ann_id = ann.get("id", f"#{k}") if isinstance(ann, dict) else f"#{k}"
             name = f"annotation {ann_id} (annotations[{k}])"
@@ -465,55 +565,27 @@ class CocoDetection(torch.utils.data.Dataset):
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
             if not numbers:
                 raise bad(f"{name}: 'bbox' must be 4 finite numbers [x, y, width, height], got {bbox!r}")
+            unknown = None
             if ann["category_id"] not in self.cat_id_to_label:
-                raise bad(f"{name} has category_id {ann['category_id']!r}, which is not in 'categories' "
-                          f"(ids {sorted(self.cat_id_to_label)})")
-            if ann["image_id"] not in position:
-                raise bad(f"{name} has image_id {ann['image_id']!r}, which is not in 'images'")
+                unknown = ("unknown class", f"{name} has category_id {ann['category_id']!r}, which is not "
+                           f"in 'categories' (ids {sorted(self.cat_id_to_label)})")
+            elif ann["image_id"] not in all_ids:
+                unknown = ("unknown image", f"{name} has image_id {ann['image_id']!r}, which is not in 'images'")
+            if unknown and strict:
+                raise bad(unknown[1])
+            if unknown:
+                self.problems.append((unknown[0], str(self.ann_file), unknown[1]))
+                continue
+            if ann["image_id"] not in position:                 # an image of the other split
+                continue
             ann_ids.append(ann_id)
             image_index.append(position[ann["image_id"]])
             labels.append(self.cat_id_to_label[ann["category_id"]])
             crowd.append(bool(ann.get("iscrowd", 0)))
-            boxes[k] = bbox
-        boxes[:, 2:] += boxes[:, :2]                            # xywh -> xyxy
-        image_index = np.asarray(image_index, np.int64)
-        widths = np.array([self.images[i]["width"] for i in image_index], np.float64)
-        heights = np.array([self.images[i]["height"] for i in image_index], np.float64)
-        boxes, changed, keep = _clip_boxes(boxes, widths, heights)
-        self.clipped_ann_ids = [a for a, c in zip(ann_ids, changed) if c]
-        self.dropped_ann_ids = [a for a, k in zip(ann_ids, keep) if not k]
-        _warn_repaired(self.ann_file, self.clipped_ann_ids, self.dropped_ann_ids)
-
-        # Group the surviving annotations by image: per image Float[N, 4], Int64[N], Bool[N].
-        labels, crowd = np.asarray(labels, np.int64), np.asarray(crowd, bool)
-        order = np.argsort(image_index[keep], kind="stable")
-        per_image = np.bincount(image_index[keep], minlength=len(self.images))
-        splits = np.cumsum(per_image)[:-1]
-        self._boxes = np.split(boxes[keep][order], splits)
-        self._labels = np.split(labels[keep][order], splits)
-        self._iscrowd = np.split(crowd[keep][order], splits)
-
-    def __len__(self):
-        return len(self.images)
-
-    def target(self, index):
-        """The target of image `index` without reading the image (no transforms applied)."""
-        return _make_target(self._boxes[index], self._labels[index], self._iscrowd[index],
-                            self.images[index]["id"])
-
-    def __getitem__(self, index):
-        info = self.images[index]
-        path = self.image_dir / info["file_name"]
-        image = load_image(path)
-        _check_size(path, image, info["width"], info["height"], self.ann_file)
-        target = self.target(index)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
-
-    def __repr__(self):
-        return (f"CocoDetection({len(self)} images, {self.num_classes - 1} classes, "
-                f"images {self.image_dir}, annotations {self.ann_file})")
+            x, y, w, h = bbox
+            boxes.append([x, y, x + w, y + h])                  # xywh -> xyxy
+        self._group_boxes(self.ann_file, image_index, boxes, labels, crowd, ann_ids,
+                          [self.ann_file] * len(ann_ids))
 
 
 def _read_coco_json(path):
@@ -542,109 +614,102 @@ VOC_CLASSES = ("__background__", "aeroplane", "bicycle", "bird", "boat", "bottle
                "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 
-class VOCDetection(torch.utils.data.Dataset):
-    """Pascal VOC, or any set in its format: root/Annotations/*.xml and root/JPEGImages/.
+def voc_xml_files(root) -> list[pathlib.Path]:
+    """The annotation files of a VOC folder, sorted: root/Annotations/*.xml, or, as LabelImg
+    writes them beside the images, root/*.xml."""
+    root = pathlib.Path(root)
+    ann_dir = root / "Annotations" if (root / "Annotations").is_dir() else root
+    xml_files = sorted(ann_dir.glob("*.xml"))
+    if not xml_files:
+        raise DatasetError(f"{ann_dir}: no .xml annotation files found")
+    return xml_files
+
+
+def voc_class_names(xml_files) -> tuple:
+    """Class names found in VOC annotation files: VOC's 20, in their usual order, when every
+    name is one of them (a real VOC2007/2012 folder); else the names found, sorted."""
+    found = set()
+    for xml_file in xml_files:
+        found |= {name for name, _, _ in _parse_voc_xml(xml_file, None, size=False)[1]}
+    if found <= set(VOC_CLASSES[1:]):
+        return VOC_CLASSES
+    return ("__background__",) + tuple(sorted(found))
+
+
+class VOCDetection(DetectionFiles):
+    """Pascal VOC, or any set in its format: root/Annotations/*.xml with the images in
+    root/JPEGImages/, or beside the xml files (LabelImg's layout, also root/*.xml).
 
     Each xml names its image in <filename>. With image_set (e.g. "trainval"), only the ids
-    listed in root/ImageSets/Main/{image_set}.txt are read; otherwise every xml, sorted.
+    listed in root/ImageSets/Main/{image_set}.txt are read; with ids (xml names without .xml),
+    those; otherwise every xml, sorted.
     class_names gives the label order: labels are positions in it. "__background__" is put in
     front when it is not already first (so the 20 VOC names, or any list, work as they are);
     an object named "__background__" would collide with label 0, and is an error.
+    class_names=None: the names in the annotations (voc_class_names: VOC's 20 for a real VOC set).
     'difficult' objects are kept with iscrowd True, so evaluation ignores them, as VOC's does.
-    image_id is the index in the dataset; images[i] holds {"file_name", "width", "height", "xml"},
-    and target(i) gives image i's target without reading the image. Errors name the xml file:
-    malformed xml, missing fields, an object class that is not in class_names.
+    image_id is the index in the dataset; images[i] holds {"file_name", "width", "height", "xml",
+    "path"}, and target(i) gives image i's target without reading the image. Errors name the xml
+    file: malformed xml, missing fields, an object class that is not in class_names
+    (strict=False: such objects are skipped and listed in `problems`, for check_data).
     """
+    kind = "VOCDetection"
 
-    def __init__(self, root, class_names=None, *, image_set=None, transforms=None):
+    def __init__(self, root, class_names=None, *, image_set=None, ids=None, transforms=None, strict=True):
         self.root = pathlib.Path(root)
         self.transforms = transforms
-        names = list(VOC_CLASSES if class_names is None else class_names)
-        if not names or names[0] != "__background__":
-            names.insert(0, "__background__")
-        if "__background__" in names[1:]:
-            raise DatasetError("class_names: '__background__' is reserved for label 0 and can only come first")
-        if len(set(names)) != len(names):
-            raise DatasetError(f"class_names has duplicates: {names}")
-        self.class_names = tuple(names)
-        self.num_classes = len(self.class_names)
-        label_of = {name: label for label, name in enumerate(self.class_names)}
-
-        ann_dir = self.root / "Annotations"
+        self.where = f"root {self.root}"
+        self.problems = []
         if image_set is not None:
             list_file = self.root / "ImageSets" / "Main" / f"{image_set}.txt"
             try:
                 ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
             except OSError as e:
                 raise DatasetError(f"{list_file}: cannot read the image set ({e.strerror})") from None
-            xml_files = [ann_dir / f"{i}.xml" for i in ids]
-        else:
-            xml_files = sorted(ann_dir.glob("*.xml"))
-            if not xml_files:
-                raise DatasetError(f"{ann_dir}: no .xml annotation files found")
+        xml_files = voc_xml_files(self.root)
+        if ids is not None:
+            xml_files = [xml_files[0].parent / f"{i}.xml" for i in ids]
+        label_of = _class_labels(voc_class_names(xml_files) if class_names is None else class_names)
+        self.class_names = tuple(label_of)
+        self.num_classes = len(self.class_names)
 
-        self.images = []                                        # {"file_name", "width", "height"}
-        per_box_ids, per_box_image, boxes, labels, crowd = [], [], [], [], []
-        for index, xml_file in enumerate(xml_files):
-            info, objects = _parse_voc_xml(xml_file, self.root / "JPEGImages")
-            self.images.append(info)
+        image_dir = self.root / "JPEGImages" if (self.root / "JPEGImages").is_dir() else None
+        self.images = []                                        # {"file_name", "width", "height", ...}
+        box_ids, box_files, box_image, boxes, labels, crowd = [], [], [], [], [], []
+        for xml_file in xml_files:
+            info, objects = _parse_voc_xml(xml_file, image_dir or xml_file.parent)
             for k, (name, difficult, box) in enumerate(objects):
                 if name not in label_of or name == "__background__":
                     reason = ("is reserved for background (label 0)" if name == "__background__"
                               else f"is not in class_names {self.class_names[1:]}")
-                    raise DatasetError(f"{xml_file}: object {k} has class name {name!r}, which {reason}")
-                per_box_ids.append(f"{xml_file.name}/object {k}")
-                per_box_image.append(index)
+                    message = f"{xml_file}: object {k} has class name {name!r}, which {reason}"
+                    if strict:
+                        raise DatasetError(message)
+                    self.problems.append(("unknown class", str(xml_file), message))
+                    continue
+                box_ids.append(f"{xml_file.name}/object {k}")
+                box_files.append(xml_file)
+                box_image.append(len(self.images))
                 labels.append(label_of[name])
                 crowd.append(difficult)
                 boxes.append(box)
+            self.images.append(info)
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        per_box_image = np.asarray(per_box_image, np.int64)
         # VOC pixel coordinates are 1-based and inclusive: a box over the whole of a W-pixel-wide
         # image is xmin=1, xmax=W. Ours are 0-based with x2 exclusive ([0, W]), so only the
         # top-left corner moves: (x1 - 1, y1 - 1, x2, y2).
         boxes[:, :2] -= 1
-        widths = np.array([self.images[i]["width"] for i in per_box_image], np.float64)
-        heights = np.array([self.images[i]["height"] for i in per_box_image], np.float64)
-        boxes, changed, keep = _clip_boxes(boxes, widths, heights)
-        self.clipped_ann_ids = [a for a, c in zip(per_box_ids, changed) if c]
-        self.dropped_ann_ids = [a for a, k in zip(per_box_ids, keep) if not k]
-        _warn_repaired(self.root, self.clipped_ann_ids, self.dropped_ann_ids)
-
-        labels, crowd = np.asarray(labels, np.int64), np.asarray(crowd, bool)
-        per_image = np.bincount(per_box_image[keep], minlength=len(self.images))
-        splits = np.cumsum(per_image)[:-1]                      # boxes are already in image order
-        self._boxes = np.split(boxes[keep], splits)
-        self._labels = np.split(labels[keep], splits)
-        self._iscrowd = np.split(crowd[keep], splits)
+        self._group_boxes(self.root, box_image, boxes, labels, crowd, box_ids, box_files)
         self.image_ids = list(range(len(self.images)))
 
-    def __len__(self):
-        return len(self.images)
 
-    def target(self, index):
-        """The target of image `index` without reading the image (no transforms applied)."""
-        return _make_target(self._boxes[index], self._labels[index], self._iscrowd[index], index)
-
-    def __getitem__(self, index):
-        info = self.images[index]
-        path = self.root / "JPEGImages" / info["file_name"]
-        image = load_image(path)
-        _check_size(path, image, info["width"], info["height"], info["xml"])
-        target = self.target(index)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
-
-    def __repr__(self):
-        return f"VOCDetection({len(self)} images, {self.num_classes - 1} classes, root {self.root})"
-
-
-def _parse_voc_xml(xml_file, image_dir):
+def _parse_voc_xml(xml_file, image_dir, *, size=True):
     """One VOC annotation file -> (info, objects).
 
-    info: {"file_name", "width", "height", "xml"}; objects: [(name, difficult, [xmin, ymin, xmax, ymax])]
-    in the file's own 1-based coordinates.
+    info: {"file_name", "width", "height", "xml", "path", "source"}; objects: [(name, difficult,
+    [xmin, ymin, xmax, ymax])] in the file's own 1-based coordinates. The image is image_dir /
+    <filename>; its size comes from <size>, or from the image's header when the xml has none
+    (size=False: not looked for, for a pass that wants the class names only).
     """
     try:
         tree = ET.parse(xml_file).getroot()
@@ -674,7 +739,7 @@ def _parse_voc_xml(xml_file, image_dir):
         height = int(float(tree.findtext("size/height")))
     except (TypeError, ValueError):
         width = height = 0
-    if width <= 0 or height <= 0:
+    if size and (width <= 0 or height <= 0):
         # Some tools write no size, or 0: read it from the image header (cheap, no decoding).
         try:
             with Image.open(image_dir / file_name) as im:
@@ -694,8 +759,435 @@ def _parse_voc_xml(xml_file, image_dir):
         coords = [number(box, tag, f"{where} ({name}) <bndbox>")
                   for tag in ("xmin", "ymin", "xmax", "ymax")]
         objects.append((name, is_difficult, coords))
-    info = {"file_name": file_name, "width": width, "height": height, "xml": xml_file}
+    info = {"file_name": file_name, "width": width, "height": height, "xml": xml_file,
+            "path": None if image_dir is None else pathlib.Path(image_dir) / file_name, "source": xml_file}
     return info, objects
+
+
+# ---- your own data: folder layouts, seeded splits, check_data ---------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def split_ids(ids, *, val_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
+    """(train ids, val ids): a seeded random split, the same for the same ids and seed whatever
+    their order. round(val_fraction * n) images go to validation, at least one when n >= 2."""
+    ids = sorted(ids)
+    num_val = max(1, round(val_fraction * len(ids))) if len(ids) >= 2 else 0
+    chosen = set(np.random.default_rng(seed).permutation(len(ids))[:num_val].tolist())
+    return ([i for k, i in enumerate(ids) if k not in chosen], [i for k, i in enumerate(ids) if k in chosen])
+
+
+def _split_of(path: pathlib.Path) -> str | None:
+    """"train", "val" or "test" from an annotation file's name or folder (Roboflow's "valid" too)."""
+    for part in (path.stem.lower(), path.parent.name.lower()):
+        found = re.search(r"(?<![a-z])(train|valid|val|test)", part)
+        if found:
+            return "val" if found.group(1) == "valid" else found.group(1)
+    return None
+
+
+def _has_images(folder: pathlib.Path) -> bool:
+    return folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def coco_files(root) -> dict:
+    """{split: (image folder, annotation file)} of a COCO-format folder, as exports lay it out:
+
+        COCO 2017     annotations/instances_train2017.json, train2017/ (and val)
+        CVAT          annotations/instances_default.json, images/          (one json for all)
+        Label Studio  result.json, images/                                 (one json for all)
+        Roboflow      train/_annotations.coco.json beside its images (valid/, test/ too)
+
+    The split comes from each json's name or folder ("train", "val"/"valid", "test"); one json
+    with no split in its name is all the data ({"all": ...}: make_datasets splits it, seeded).
+    An annotation file's images are in the first of these folders that holds images: the one
+    named after the file (train2017), its own folder, images/, the split's name, root.
+    """
+    root = pathlib.Path(root)
+    found = sorted({*root.glob("*.json"), *root.glob("*/*.json")} - {root / "manifest.json"})
+    if not found:
+        raise DatasetError(f"{root}: no COCO annotation file (.json) found")
+    by_split = {}
+    for ann_file in found:
+        by_split.setdefault(_split_of(ann_file) or "all", []).append(ann_file)
+    if "train" in by_split and "val" in by_split:
+        by_split.pop("all", None)
+    elif len(found) == 1:
+        by_split = {"all": found}
+    else:
+        raise DatasetError(f"{root}: found {len(found)} json files ({', '.join(p.name for p in found)}) "
+                           "but not one for train and one for val, nor a single one for all")
+    files = {}
+    for split, (ann_file, *more) in by_split.items():
+        if more:   # COCO 2017 keeps captions_* and person_keypoints_* beside instances_*
+            instances = [p for p in (ann_file, *more) if p.name.startswith("instances_")]
+            ann_file, *more = instances or (ann_file, *more)
+        if more:
+            raise DatasetError(f"{root}: several annotation files for {split}: {[ann_file.name] + [p.name for p in more]}")
+        stem = ann_file.stem.removeprefix("instances_")
+        candidates = [root / stem, ann_file.parent, root / "images", root / split, root]
+        files[split] = (next((c for c in candidates if _has_images(c)), ann_file.parent), ann_file)
+    return files
+
+
+def own_datasets(data: str, root, *, class_names=None, seed: int = 0, val_fraction: float = 0.2,
+                 strict: bool = True, quiet: bool = False):
+    """(train set with flips, validation set) from a folder of your own data, read without code.
+
+    data="coco": coco_files(root)'s layout; data="voc": a VOC or LabelImg folder, split by
+    ImageSets/Main/train.txt and val.txt when they are there. Without split files (one COCO json
+    for all, a VOC folder without ImageSets) the images are split by split_ids(seed), and the
+    split is printed. VOC class names come from the annotations unless class_names is given,
+    found over all the files so that both splits agree; they are printed in one line.
+    strict=False: unknown classes and image ids are listed in each set's `problems` (check_data).
+    """
+    root = pathlib.Path(root)
+    say = (lambda *a: None) if quiet else print
+    flip = RandomHorizontalFlip(0.5)
+    if data == "coco":
+        files = coco_files(root)
+        if "all" not in files:
+            (train_dir, train_ann), (val_dir, val_ann) = files["train"], files["val"]
+            train = CocoDetection(train_dir, train_ann, transforms=flip, strict=strict)
+            val = CocoDetection(val_dir, val_ann, strict=strict)
+            if train.class_names != val.class_names:
+                raise DatasetError(f"{val_ann}: its categories {val.class_names[1:]} are not those of "
+                                   f"{train_ann} {train.class_names[1:]}")
+            say(f"classes (from {train_ann.name}): {', '.join(train.class_names[1:])}")
+            return train, val
+        image_dir, ann_file = files["all"]
+        ids = [img.get("id") for img in _read_coco_json(ann_file)["images"] if isinstance(img, dict)]
+        train_ids, val_ids = split_ids(ids, val_fraction=val_fraction, seed=seed)
+        say(f"{ann_file.name} holds all {len(ids)} images: seeded split (seed {seed}) into "
+            f"{len(train_ids)} train and {len(val_ids)} val images; val ids {_some(val_ids)}")
+        train = CocoDetection(image_dir, ann_file, transforms=flip, image_ids=train_ids, strict=strict)
+        val = CocoDetection(image_dir, ann_file, image_ids=val_ids, strict=strict)
+        say(f"classes (from {ann_file.name}): {', '.join(train.class_names[1:])}")
+    elif data == "voc":
+        xml_files = voc_xml_files(root)
+        names = voc_class_names(xml_files) if class_names is None else class_names
+        if class_names is None:
+            say(f"classes (from the annotations): {', '.join(names[1:])}")
+        if (root / "ImageSets" / "Main" / "train.txt").is_file():
+            return (VOCDetection(root, names, image_set="train", transforms=flip, strict=strict),
+                    VOCDetection(root, names, image_set="val", strict=strict))
+        train_ids, val_ids = split_ids([p.stem for p in xml_files], val_fraction=val_fraction, seed=seed)
+        say(f"{root} has no ImageSets/Main/train.txt: seeded split (seed {seed}) of its {len(xml_files)} "
+            f"images into {len(train_ids)} train and {len(val_ids)} val; val {_some(val_ids)}")
+        train = VOCDetection(root, names, ids=train_ids, transforms=flip, strict=strict)
+        val = VOCDetection(root, names, ids=val_ids, strict=strict)
+    else:
+        raise ValueError(f"unknown data {data!r}: expected 'coco' or 'voc'")
+    return train, val
+
+
+def _some(items, limit: int = 8) -> str:
+    items = [str(i) for i in items]
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def best_anchor_iou(image_sizes, boxes, *, min_size: int, max_size: int, anchor_sizes,
+                    aspect_ratios=(0.5, 1.0, 2.0)) -> Tensor:
+    """For every box, the best IoU any anchor of the RPN reaches with it: Float[G].
+
+    image_sizes: [(H, W)] of the images as stored; boxes: [Float[G_i, 4]] xyxy in those pixels.
+    Computed as the model sees it: each image resized as DetectionTransform resizes it (short
+    side min_size, long side at most max_size; the resized size rounded down), the boxes scaled
+    with it, and the anchors those of AnchorGenerator on the padded batch (a multiple of 32):
+    its cell anchors (one size per level, each aspect ratio, rounded), shifted by the stride of
+    each level's grid (P2..P5 a quarter to a 32nd of the padded size, P6 half of P5 rounded up).
+    So a box counts only if an anchor at a real grid position fits it, not just one of its shape.
+    Of the anchors of one shape, the one centred nearest the box's centre has the largest IoU
+    (the overlap along x and along y only shrinks as the centres part), so each box is compared
+    with L x A anchors instead of all of them; tests check this against all of them.
+    """
+    counts = [len(b) for b in boxes]
+    if sum(counts) == 0:
+        return torch.zeros(0)
+    gt = torch.cat([torch.as_tensor(b, dtype=torch.float64).reshape(-1, 4) for b in boxes])   # (G, 4)
+    # Each image as the model resizes it, in Python floats as DetectionTransform computes it (a
+    # tensor division may round the other way, and floor(399.99999) is 399); F.interpolate rounds down.
+    resized = []
+    for h, w in image_sizes:
+        scale = min(min_size / min(h, w), max_size / max(h, w))
+        resized.append((h, w, math.floor(h * scale), math.floor(w * scale)))
+    per_box = torch.tensor(resized, dtype=torch.float64).repeat_interleave(torch.tensor(counts), 0)  # (G, 4)
+    hw, new_hw = per_box[:, :2], per_box[:, 2:]                        # (G, 2) h, w: stored, resized
+    padded = (new_hw / 32).ceil() * 32
+    gt = gt * (new_hw / hw).flip(1).repeat(1, 2)                       # resize_boxes: x by w, y by h
+    centre = (gt[:, :2] + gt[:, 2:]) / 2                               # (G, 2) x, y
+    pad_xy = padded.flip(1)                                            # (G, 2) w, h
+    grids = [torch.div(pad_xy, s, rounding_mode="floor") for s in (4, 8, 16, 32)]
+    grids.append(torch.div(grids[-1] + 1, 2, rounding_mode="floor"))   # P6: max pool, stride 2
+    ious = []
+    for grid, cell in zip(grids, AnchorGenerator(tuple(anchor_sizes), tuple(aspect_ratios)).cell_anchors):
+        stride = torch.div(pad_xy, grid, rounding_mode="floor")       # (G, 2), as AnchorGenerator.forward
+        shift = torch.minimum((centre / stride).round().clamp(min=0), grid - 1) * stride   # nearest centre
+        anchors = cell.double()[None] + shift.repeat(1, 2)[:, None]    # (1, A, 4) + (G, 1, 4) -> (G, A, 4)
+        ious.append(_paired_iou(gt[:, None].expand_as(anchors), anchors))  # (G, A)
+    return torch.cat(ious, 1).max(1).values.float()                   # (G, L*A) -> (G,)
+
+
+def _paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of boxes a[..., 4] and b[..., 4] pair by pair (box_iou gives all pairs)."""
+    wh = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+# Problems check_data finds. Errors stop `train`: the data cannot be read as it is meant. Warnings
+# are repaired by the readers (boxes clipped or dropped) or are worth a look (duplicates).
+PROBLEM_KINDS = {
+    "missing image": "error", "unreadable image": "error", "image size differs": "error",
+    "unknown class": "error", "unknown image": "error",
+    "degenerate box": "warning", "box outside the image": "warning",
+    "box partly outside the image": "warning", "duplicate image": "warning", "duplicate box": "warning",
+}
+# Best possible recall below these, at IoU 0.7 or 0.3: look for better anchors. With one anchor size
+# per level, doubling, a square object sqrt(2) times an anchor's side reaches IoU 0.5 at best: half
+# the objects of a spread of sizes below 0.7 is normal (the RPN also makes each object's best anchor
+# a positive, whatever its IoU); an object with no anchor at 0.3 is one the RPN barely sees.
+ANCHOR_FIT_LOW = {0.7: 0.5, 0.3: 0.98}
+DUPLICATE_BOX_IOU = 0.95      # two boxes of one class in one image overlapping this much: one object
+
+
+@dataclass
+class DataReport:
+    """What check_data found. problems: [(severity, kind, file, detail)]; box_sides: each
+    object's sqrt(w * h) at the model's scale (px); best_iou: its best anchor IoU (best_anchor_iou)."""
+    images: dict                     # {split: number of images}
+    empty_images: dict               # {split: images without objects}
+    objects: dict                    # {class name: objects, all splits}
+    problems: list
+    box_sides: np.ndarray
+    best_iou: np.ndarray
+    anchor_sizes: tuple
+    min_size: int
+    max_size: int
+    suggestion: dict | None = None   # {"anchor_sizes", "min_size", "max_size", "fit_07", "fit_03"}
+
+    @property
+    def errors(self) -> list:
+        return [p for p in self.problems if p[0] == "error"]
+
+    def anchor_fit(self, iou: float) -> float:
+        """Best possible recall at this IoU: the fraction of objects whose best anchor reaches it."""
+        return float((self.best_iou >= iou).mean()) if len(self.best_iou) else 1.0
+
+    def __str__(self) -> str:
+        sides = np.percentile(self.box_sides, [5, 50, 95]) if len(self.box_sides) else [0, 0, 0]
+        lines = [
+            "images: " + ", ".join(f"{s} {n} ({self.empty_images[s]} empty)" for s, n in self.images.items()),
+            f"objects: {sum(self.objects.values())} (" + ", ".join(f"{k} {v}" for k, v in self.objects.items()) + ")",
+            f"box sides sqrt(w*h) at the model's scale ({self.min_size}..{self.max_size}): 5% {sides[0]:.0f} px, "
+            f"median {sides[1]:.0f} px, 95% {sides[2]:.0f} px; anchor sizes {', '.join(map(str, self.anchor_sizes))}",
+            f"anchor fit (best possible recall): {self.anchor_fit(0.7):.1%} of objects have an anchor with "
+            f"IoU >= 0.7 (an RPN positive), {self.anchor_fit(0.3):.1%} with IoU >= 0.3"]
+        if self.suggestion:
+            s = self.suggestion
+            lines.append(f"  low: anchor_sizes={tuple(s['anchor_sizes'])}, min_size={s['min_size']}, "
+                         f"max_size={s['max_size']} would fit {s['fit_07']:.1%} at 0.7, {s['fit_03']:.1%} at 0.3")
+        errors = len(self.errors)
+        lines.append(f"problems: {errors} error(s), {len(self.problems) - errors} warning(s)")
+        lines += [f"  {sev:7s} {kind}: {file}: {detail}" for sev, kind, file, detail in self.problems]
+        return "\n".join(lines)
+
+
+def check_data(datasets: dict, *, min_size: int, max_size: int, anchor_sizes, progress: bool = True,
+               max_anchor_images: int = 2000) -> DataReport:
+    """Check datasets ({split: CocoDetection or VOCDetection, read with strict=False}) before any
+    training, and report (DataReport):
+
+    - images, empty images, objects per class (crowd / difficult objects included);
+    - every problem with its file: what the readers listed (unknown classes or image ids, boxes
+      degenerate or outside the image), images missing, unreadable or of another size than the
+      annotation says, duplicate images (the same bytes twice, in any splits), duplicate boxes
+      (one class, one image, IoU >= DUPLICATE_BOX_IOU);
+    - the anchors' fit, as the "best possible recall" of YOLOv5's AutoAnchor: best_anchor_iou of
+      every object that trains (not crowd), on at most max_anchor_images images a split (a seeded
+      sample), reported as the fraction at IoU >= 0.7 (an RPN positive) and >= 0.3 (not a
+      negative). Below ANCHOR_FIT_LOW, the profile's anchor sizes scaled by 2^(k/4), k = -3..3,
+      are tried (with a min_size that brings the objects' 5th percentile side up to the smallest
+      anchor, when it is below half of it); the best at 0.7 that keeps the fit at 0.3 (or
+      ANCHOR_FIT_LOW's) is suggested when it fits 5 points better at 0.7.
+    """
+    problems, images, empty, objects, seen = [], {}, {}, {}, {}
+    sizes, gt_boxes, sides = [], [], []
+    for split, ds in datasets.items():
+        problems += [(PROBLEM_KINDS[kind], kind, file, detail) for kind, file, detail in ds.problems]
+        images[split], empty[split] = len(ds), 0
+        sample = set(range(len(ds)))
+        if len(ds) > max_anchor_images:
+            sample = set(np.random.default_rng(0).choice(len(ds), max_anchor_images, replace=False).tolist())
+        for i in tqdm(range(len(ds)), desc=f"check {split}", disable=not progress, leave=False):
+            info, target = ds.images[i], ds.target(i)
+            path = ds.image_path(i)
+            empty[split] += len(target["boxes"]) == 0
+            for label in target["labels"].tolist():
+                objects[ds.class_names[label]] = objects.get(ds.class_names[label], 0) + 1
+            try:
+                content = pathlib.Path(path).read_bytes()
+                with Image.open(io.BytesIO(content)) as im:
+                    width, height = im.size
+            except FileNotFoundError:
+                problems.append(("error", "missing image", str(path), f"named by {info['source']}"))
+                continue
+            except (OSError, UnidentifiedImageError) as e:
+                problems.append(("error", "unreadable image", str(path), f"{type(e).__name__}: {e}"))
+                continue
+            if (width, height) != (info["width"], info["height"]):
+                problems.append(("error", "image size differs", str(path), f"{width}x{height} pixels, but "
+                                 f"{info['source']} says {info['width']}x{info['height']}"))
+            seen.setdefault(hashlib.sha1(content).hexdigest(), set()).add(str(path))
+            boxes, labels = target["boxes"], target["labels"]
+            same_class = labels[:, None] == labels[None, :]                      # (G, G)
+            overlap = torch.triu(box_iou(boxes, boxes) >= DUPLICATE_BOX_IOU, diagonal=1) & same_class
+            for a, b in overlap.nonzero().tolist():
+                problems.append(("warning", "duplicate box", str(info["source"]),
+                                 f"{info['file_name']}: boxes {a} and {b} ({ds.class_names[labels[a]]}) "
+                                 f"overlap with IoU {box_iou(boxes[a:a + 1], boxes[b:b + 1]).item():.2f}"))
+            trains = ~target["iscrowd"]
+            if i in sample and trains.any():
+                sizes.append((height, width))
+                gt_boxes.append(boxes[trains])
+                scale = min(min_size / min(height, width), max_size / max(height, width))
+                wh = (boxes[trains, 2:] - boxes[trains, :2]) * scale
+                sides.append(wh.prod(1).sqrt())
+
+    for paths in seen.values():   # the same bytes in several files: each after the first, by name
+        first, *others = sorted(paths)
+        problems += [("warning", "duplicate image", p, f"the same bytes as {first}") for p in others]
+    problems = list(dict.fromkeys(problems))   # a split of one json for all: its problems are the other's too
+
+    def fit(anchors, min_side, max_side):
+        return best_anchor_iou(sizes, gt_boxes, min_size=min_side, max_size=max_side, anchor_sizes=anchors).numpy()
+
+    best = fit(anchor_sizes, min_size, max_size)
+    box_sides = torch.cat(sides).numpy() if sides else np.zeros(0)
+    report = DataReport(images, empty, dict(sorted(objects.items())), problems, box_sides, best,
+                        tuple(anchor_sizes), min_size, max_size)
+    if len(best) and (report.anchor_fit(0.7) < ANCHOR_FIT_LOW[0.7] or report.anchor_fit(0.3) < ANCHOR_FIT_LOW[0.3]):
+        # Objects smaller than half the smallest anchor: enlarge the images (min_size), then try
+        # the anchor sizes scaled by quarter octaves, and keep the best fit at 0.7.
+        small = float(np.percentile(box_sides, 5))
+        factor = anchor_sizes[0] / max(small, 1.0) if small < anchor_sizes[0] / 2 else 1.0
+        new_min = int(math.ceil(min_size * factor / 32) * 32)
+        new_max = int(math.ceil(max_size * new_min / min_size / 32) * 32)
+        tried = []
+        for k in range(-3, 4):
+            anchors = tuple(int(round(a * 2 ** (k / 4))) for a in anchor_sizes)
+            if (anchors, new_min) != (tuple(anchor_sizes), min_size):
+                ious = fit(anchors, new_min, new_max)
+                tried.append(((ious >= 0.7).mean(), ious.mean(), (ious >= 0.3).mean(), anchors))
+        floor_03 = min(report.anchor_fit(0.3), ANCHOR_FIT_LOW[0.3])   # not at the cost of the fit at 0.3
+        fit_07, _, fit_03, anchors = max((t for t in tried if t[2] >= floor_03), default=(0, 0, 0, None))
+        # (the best fit at 0.7; on a tie, the best mean IoU)
+        if fit_07 >= report.anchor_fit(0.7) + 0.05:
+            report.suggestion = {"anchor_sizes": anchors, "min_size": new_min, "max_size": new_max,
+                                 "fit_07": float(fit_07), "fit_03": float(fit_03)}
+    return report
+
+
+class DataCheckFailed(DatasetError):
+    """check_data found errors: training does not start. The report was printed above."""
+
+
+def check_before_training(data: str, root, cfg, *, verbose: bool = True, progress: bool = True) -> DataReport:
+    """The check `train` runs on your own data before its first step: check_data on
+    own_datasets(strict=False), the report printed; DataCheckFailed when it lists errors."""
+    train_set, val_set = own_datasets(data, root, seed=cfg.seed, strict=False, quiet=True)
+    report = check_data({"train": train_set, "val": val_set}, min_size=cfg.min_size, max_size=cfg.max_size,
+                        anchor_sizes=tuple(cfg.anchor_sizes), progress=verbose and progress)
+    if verbose:
+        print(f"check-data {data} {root}\n{report}")
+    if report.errors:
+        raise DataCheckFailed(f"check-data found {len(report.errors)} error(s) in {root} (listed above), "
+                              f"the first: {report.errors[0][2]}: {report.errors[0][1]}; training not started")
+    return report
+
+
+# ---- a small dataset of your own, written as annotation tools write theirs ----------------------
+
+GLYPH_CLASSES = ("__background__", "F", "G", "K", "R", "Z")   # letters: classes the shapes model never saw
+_GLYPH_SIDE = (112, 176)          # image width and height are drawn from this range (px)
+_GLYPH_HEIGHT = (14, 72)          # font size range (px); a glyph's box is its drawn pixels
+_GLYPH_MAX_OBJECTS = 4
+
+
+def draw_glyphs_image(rng) -> tuple[np.ndarray, list]:
+    """One image of 0..4 letters (GLYPH_CLASSES) on a noisy gradient: (pixels uint8 (H, W, 3),
+    [(class name, [x1, y1, x2, y2])]) with boxes on the letters' drawn pixels, not overlapping."""
+    from PIL import ImageFont
+    height, width = (int(v) for v in rng.integers(*_GLYPH_SIDE, size=2))
+    ys, xs = np.mgrid[0:height, 0:width] / max(height, width)
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    background = c0 + (c1 - c0) * (xs * rng.uniform(-1, 1) + ys * rng.uniform(-1, 1))[..., None] / 2
+    image = Image.fromarray(np.clip(background + rng.normal(0, 8, (height, width, 3)), 0, 255).astype(np.uint8))
+    objects = []
+    for _ in range(int(rng.integers(0, _GLYPH_MAX_OBJECTS + 1))):
+        name = GLYPH_CLASSES[int(rng.integers(1, len(GLYPH_CLASSES)))]
+        font = ImageFont.load_default(size=int(rng.integers(*_GLYPH_HEIGHT)))
+        mask = Image.new("L", (width, height))
+        x, y = int(rng.integers(0, width * 3 // 4)), int(rng.integers(-4, height * 3 // 4))
+        ImageDraw.Draw(mask).text((x, y), name, fill=255, font=font)
+        box = mask.getbbox()                             # (x1, y1, x2, y2), x2/y2 exclusive, or None
+        if box is None or (box[2] - box[0]) * (box[3] - box[1]) < 64 or any(
+                box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for _, b in objects):
+            continue                                     # off the image, too small, or overlapping
+        colour = tuple(int(v) for v in 255 - np.asarray(image).reshape(-1, 3).mean(0) + rng.integers(-40, 40, 3))
+        image.paste(Image.new("RGB", image.size, colour), mask=mask)
+        objects.append((name, list(box)))
+    return np.asarray(image), objects
+
+
+def write_voc_folder(root, samples) -> pathlib.Path:
+    """Write samples [(file name, pixels (H, W, 3), [(class name, [x1, y1, x2, y2])])] as LabelImg
+    does: root/<name>.png with root/<name>.xml beside it (VOC's 1-based inclusive pixels)."""
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for file_name, pixels, objects in samples:
+        Image.fromarray(pixels).save(root / file_name, compress_level=1)
+        height, width = pixels.shape[:2]
+        xml = "".join(f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x1 + 1}</xmin>"
+                      f"<ymin>{y1 + 1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+                      for name, (x1, y1, x2, y2) in objects)
+        (root / file_name).with_suffix(".xml").write_text(
+            f"<annotation><folder>{root.name}</folder><filename>{file_name}</filename><size><width>{width}"
+            f"</width><height>{height}</height><depth>3</depth></size>{xml}</annotation>\n")
+    return root
+
+
+def write_coco_folder(root, samples, class_names) -> pathlib.Path:
+    """Write samples (as write_voc_folder's) as CVAT exports COCO: root/images/<name> and one
+    json for all, root/annotations/instances_default.json (bbox [x, y, w, h], ids from 1)."""
+    root = pathlib.Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    cat_id = {name: k for k, name in enumerate(class_names) if k > 0}
+    images, annotations = [], []
+    for image_id, (file_name, pixels, objects) in enumerate(samples, start=1):
+        Image.fromarray(pixels).save(root / "images" / file_name, compress_level=1)
+        images.append({"id": image_id, "file_name": file_name, "width": pixels.shape[1], "height": pixels.shape[0]})
+        for name, (x1, y1, x2, y2) in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[name],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    _write_json_atomic(root / "annotations" / "instances_default.json",
+                       {"images": images, "annotations": annotations,
+                        "categories": [{"id": k, "name": n} for n, k in cat_id.items()]})
+    return root
+
+
+def build_glyphs_dataset(root, *, num_images: int = 200, seed: int = 0) -> tuple[pathlib.Path, pathlib.Path]:
+    """Notebook 07's own data: num_images images of letters (draw_glyphs_image), written twice,
+    root/voc in LabelImg's layout (no ImageSets) and root/coco as CVAT's COCO export (one json
+    for all). Deterministic by seed. Returns (voc folder, coco folder)."""
+    root = pathlib.Path(root)
+    samples = []
+    for i in tqdm(range(1, num_images + 1), desc="glyphs", unit="img", leave=False):
+        pixels, objects = draw_glyphs_image(np.random.default_rng([seed, i]))
+        samples.append((f"{i:05d}.png", pixels, objects))
+    return write_voc_folder(root / "voc", samples), write_coco_folder(root / "coco", samples, GLYPH_CLASSES)
 
 
 # ---- transforms and batching -----------------------------------------------------------------
@@ -1918,6 +2410,11 @@ class FasterRCNN(nn.Module):
 
     def load_torchvision_state_dict(self, state_dict: dict) -> "FasterRCNN":
         """Load torchvision's fasterrcnn_resnet50_fpn weights (strictly: every key used)."""
+        self.load_state_dict(self.from_torchvision_keys(state_dict), strict=True)
+        return self
+
+    def from_torchvision_keys(self, state_dict: dict) -> dict:
+        """torchvision's fasterrcnn_resnet50_fpn state dict with this model's key names."""
         renames = (("backbone.fpn.inner_blocks.", "backbone.fpn.lateral."),
                    ("backbone.fpn.layer_blocks.", "backbone.fpn.output."),
                    ("rpn.head.conv.0.0.", "rpn.head.conv."))
@@ -1933,8 +2430,7 @@ class FasterRCNN(nn.Module):
                     isinstance(m, nn.BatchNorm2d) for m in self.backbone.modules()):
                 continue  # frozen BatchNorm keeps no step counter
             converted[key] = value
-        self.load_state_dict(converted, strict=True)
-        return self
+        return converted
 
 
 def check_targets(images: list[Tensor], targets) -> None:
@@ -2086,20 +2582,16 @@ def resolve(path) -> pathlib.Path:
 
 def make_datasets(cfg: TrainConfig, *, data_root=None, quiet=False):
     """(train set with flips, validation set) for cfg.data; the embedded set is built on first use
-    (quiet=True: no message when it is reused)."""
+    (quiet=True: no message when it is reused); "coco" and "voc" read any folder that
+    own_datasets reads (COCO 2017 and Pascal VOC included)."""
     root = resolve(data_root or cfg.data_root)
     if cfg.data == "shapes":
         root = build_shapes_dataset(root, num_train=cfg.num_train, num_val=cfg.num_val, quiet=quiet)
         train = CocoDetection(root / "train", root / "annotations" / "instances_train.json",
                               transforms=RandomHorizontalFlip(0.5))
         val = CocoDetection(root / "val", root / "annotations" / "instances_val.json")
-    elif cfg.data == "coco":
-        train = CocoDetection(root / "train2017", root / "annotations" / "instances_train2017.json",
-                              transforms=RandomHorizontalFlip(0.5))
-        val = CocoDetection(root / "val2017", root / "annotations" / "instances_val2017.json")
-    elif cfg.data == "voc":
-        train = VOCDetection(root, image_set="train", transforms=RandomHorizontalFlip(0.5))
-        val = VOCDetection(root, image_set="val")
+    elif cfg.data in ("coco", "voc"):   # COCO 2017, VOC, or your own folder in either format
+        train, val = own_datasets(cfg.data, root, seed=cfg.seed, quiet=quiet)
     else:
         raise ValueError(f"unknown data {cfg.data!r}: expected 'shapes', 'coco' or 'voc'")
     return train, val
@@ -2309,13 +2801,17 @@ class TrainingRun:
 
 
 def setup_run(cfg: TrainConfig, *, out_dir, resume: bool, device, data_root=None,
-              model: nn.Module | None = None) -> TrainingRun:
-    """The datasets, the model (ImageNet weights where the profile asks), the optimiser and its
-    schedule, DDP when this process is one of several; the state of last.pt when resuming."""
+              model: nn.Module | None = None, init=None, progress: bool = True) -> TrainingRun:
+    """The datasets (your own checked first: check_before_training), the model (ImageNet weights
+    where the profile asks, or a trained model's with init: init_from_checkpoint), the optimiser
+    and its schedule, DDP when this process is one of several; the state of last.pt when resuming."""
     rank, world = _distributed(device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    if cfg.data in ("coco", "voc"):   # every process checks (and stops) alike; rank 0 prints the report
+        check_before_training(cfg.data, resolve(data_root or cfg.data_root), cfg, verbose=rank == 0,
+                              progress=progress)
     seed_everything(cfg.seed + rank)
     # The dataset is built (when missing) by rank 0 only; the others wait for it, then read it quietly.
     if rank == 0:
@@ -2330,7 +2826,10 @@ def setup_run(cfg: TrainConfig, *, out_dir, resume: bool, device, data_root=None
     last = resolve(out_dir) / "last.pt"
     resuming = resume and last.is_file()
     if model is None:   # a model passed in is used as it is; only our own gets ImageNet weights
-        model, cfg = _build_with_backbone_weights(cfg, len(class_names), load=not resuming, verbose=rank == 0)
+        model, cfg = _build_with_backbone_weights(cfg, len(class_names), load=not (resuming or init),
+                                                  verbose=rank == 0)
+    if init and not resuming:
+        init_from_checkpoint(model, init, class_names, verbose=rank == 0)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if cfg.optimizer == "sgd" and world > 1:  # the linear scaling rule (Goyal et al., 2017)
         cfg = replace(cfg, lr=cfg.lr * world)
@@ -2379,6 +2878,78 @@ def _restore(run: TrainingRun, ckpt: dict) -> None:
     _set_rng_state(ckpt["rng"][run.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
 
 
+PREDICTOR = "roi_heads.box_predictor."   # the only weights that depend on the classes
+
+
+def init_from_checkpoint(model: nn.Module, source, class_names, *, verbose: bool = True) -> nn.Module:
+    """Transfer learning: load a trained detector's weights into `model` (in place; returned).
+
+    source: a checkpoint that train wrote, a file of torchvision's fasterrcnn_resnet50_fpn state
+    dict, or "torchvision" for torchvision's COCO weights (downloaded, when that is possible).
+    Every weight is loaded; when the classes differ (the source's class_names, COCO_CLASSES for
+    torchvision's, against `class_names`), the box predictor keeps its fresh random weights (its
+    outputs are one per class). Any other weight that is missing or of another shape is an error
+    naming it: the source must be a model of the same architecture (the same profile).
+    """
+    where = f"--init {source}"
+    if str(source) == "torchvision":
+        state = torchvision_detector_state_dict()
+        if state is None:
+            raise ValueError(f"{where}: torchvision's COCO weights cannot be had here (no download); "
+                             "pass the path of a local copy of the .pth file instead")
+        state, source_classes = model.from_torchvision_keys(state), COCO_CLASSES
+    else:
+        path = pathlib.Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: no such file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # unpickling errors come in many types; all mean the same here
+            raise ValueError(f"{where}: not a checkpoint ({type(err).__name__}: {err})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{where}: not a checkpoint (a {type(state).__name__}, not a dict)")
+        if "model" in state and "class_names" in state:                 # one of ours
+            state, source_classes = state["model"], tuple(state["class_names"])
+        else:                                                           # torchvision's state dict
+            state = model.from_torchvision_keys(state)
+            source_classes = COCO_CLASSES if len(state.get(PREDICTOR + "cls_score.weight", ())) == 91 else None
+    same_classes = source_classes is not None and tuple(source_classes) == tuple(class_names)
+    merged, misfits = {}, []
+    for key, value in model.state_dict().items():
+        if key.startswith(PREDICTOR) and not same_classes:
+            merged[key] = value                                         # fresh: one output per new class
+        elif key in state and state[key].shape == value.shape:
+            merged[key] = state[key]
+        else:
+            misfits.append(f"{key} {tuple(value.shape)} vs {tuple(state[key].shape) if key in state else 'missing'}")
+    if misfits:
+        raise ValueError(f"{where}: {len(misfits)} weights do not fit this model (the first: {misfits[0]}); "
+                         "--init needs a model of the same architecture (profile)")
+    model.load_state_dict(merged)
+    if verbose:
+        kept = len(merged) - (0 if same_classes else sum(k.startswith(PREDICTOR) for k in merged))
+        change = ("same classes" if same_classes else
+                  f"classes differ ({len(source_classes or ()) - 1 if source_classes else '?'} -> "
+                  f"{len(class_names) - 1}): the box predictor starts afresh")
+        print(f"{where}: {kept} of {len(merged)} weights loaded, {change}")
+    return model
+
+
+def freeze_backbone(run: TrainingRun, frozen: bool) -> None:
+    """Freeze the backbone (ResNet + FPN: no gradients, no updates) or give back the profile's
+    trainable layers; under DDP the wrapper is rebuilt, since it registers the trainable
+    parameters when it is made. BatchNorm's running statistics still follow the new data."""
+    if frozen == (not any(p.requires_grad for p in run.model.backbone.parameters())):
+        return
+    run.model.backbone.requires_grad_(not frozen)
+    if not frozen:
+        run.model.backbone.body.freeze(run.cfg.trainable_backbone_layers)
+    if run.world > 1:
+        run.net = nn.parallel.DistributedDataParallel(run.model)
+    if run.rank == 0:
+        print(f"epoch {run.epoch + 1}: backbone {'frozen' if frozen else 'trainable again'}")
+
+
 def epoch_loader(run: TrainingRun, epoch: int):
     """The epoch's batches: a new loader seeded by the epoch, so a resumed run sees the same order;
     under DDP each process gets its own share of the images."""
@@ -2413,7 +2984,7 @@ def end_epoch(run: TrainingRun, *, progress: bool) -> None:
 
 def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=None, data_root=None,
           stop_after_epochs: int | None = None, progress: bool = True, deterministic: bool = False,
-          model: nn.Module | None = None) -> dict:
+          model: nn.Module | None = None, init=None, freeze_backbone_epochs: int = 0) -> dict:
     """Train a detector as cfg says, in this process (one of several under DDP: torchrun, or
     train_in_processes); write out_dir/last.pt, best.pt and metrics.json; return what
     metrics.json holds.
@@ -2423,15 +2994,21 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
     as it is (same call signature and loss names; the side-by-side benchmark passes torchvision's
     detector). deterministic=True makes a CPU run repeatable to the last bit (one thread,
     deterministic kernels), so that a resumed run ends with the weights of an uninterrupted one;
-    it sets both process-wide.
+    it sets both process-wide. init: start from a trained model's weights (init_from_checkpoint);
+    freeze_backbone_epochs: the backbone stays frozen for that many first epochs (freeze_backbone).
+    Your own data (cfg.data "coco" or "voc") is checked first: errors stop the run before its
+    first step (check_before_training).
     """
     if deterministic:
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(1)
     device = torch.device(device) if device else DEVICE
-    run = setup_run(cfg, out_dir=out_dir, resume=resume, device=device, data_root=data_root, model=model)
+    run = setup_run(cfg, out_dir=out_dir, resume=resume, device=device, data_root=data_root, model=model,
+                    init=init, progress=progress)
     last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, run.epoch + stop_after_epochs)
     while run.epoch < last_epoch:
+        if freeze_backbone_epochs:
+            freeze_backbone(run, run.epoch < freeze_backbone_epochs)
         start = time.perf_counter()
         try:
             train_one_epoch(run.net, epoch_loader(run, run.epoch), run.optimizer, run.scheduler,
@@ -2914,7 +3491,7 @@ def average_precision(predictions, targets, *, class_names=None, return_details=
 
 
 # =============================================================================================
-# CLI: python -m frcnn_common data | train | evaluate | predict
+# CLI: python -m frcnn_common data | train | evaluate | predict | check-data
 # =============================================================================================
 
 def predict_images(model: nn.Module, paths, *, out_dir, class_names, device, score_thresh: float = 0.5,
@@ -2959,7 +3536,7 @@ def draw_boxes(ax, image: Tensor, boxes: Tensor, texts=(), *, color="lime", line
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m frcnn_common",
-                                     description="Faster R-CNN from scratch: data, train, evaluate, predict.")
+                                     description="Faster R-CNN from scratch: data, train, evaluate, predict, check-data.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("data", help="build the embedded shapes dataset (idempotent)")
     p.add_argument("--root", default="data/shapes")
@@ -2979,7 +3556,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: runs/<profile>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from a trained model: a checkpoint of ours, a torchvision "
+                        "fasterrcnn_resnet50_fpn .pth, or 'torchvision' (its COCO weights, downloaded); "
+                        "the box predictor starts afresh when the classes differ")
+    p.add_argument("--freeze-backbone-epochs", type=int, default=0, metavar="N",
+                   help="keep the backbone (ResNet + FPN) frozen for the first N epochs")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("check-data", help="check your own COCO or VOC folder before training")
+    p.add_argument("--data", choices=["coco", "voc"], required=True)
+    p.add_argument("--data-root", required=True, help="the dataset folder")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
+                   help="whose image size and anchors the fit is measured with")
 
     p = sub.add_parser("evaluate", help="COCO metrics of a checkpoint on a validation set")
     p.add_argument("--checkpoint", required=True)
@@ -3001,6 +3590,14 @@ def main(argv=None) -> int:
         build_shapes_dataset(resolve(args.root), seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                              force=args.force)
         return 0
+    if args.command == "check-data":   # exit status 1 when the report lists errors
+        cfg = PROFILES[args.profile]
+        try:
+            check_before_training(args.data, resolve(args.data_root), cfg)
+        except DataCheckFailed as err:
+            print(err, file=sys.stderr)
+            return 1
+        return 0
     if args.command == "train":
         cfg = PROFILES[args.profile]
         if args.data:
@@ -3012,7 +3609,8 @@ def main(argv=None) -> int:
             cfg = replace(cfg, epochs=args.epochs)
         try:
             train_in_processes(cfg, out_dir=args.out or f"runs/{args.profile}", resume=args.resume,
-                               device=args.device, data_root=args.data_root, progress=not args.no_progress)
+                               device=args.device, data_root=args.data_root, progress=not args.no_progress,
+                               init=args.init, freeze_backbone_epochs=args.freeze_backbone_epochs)
         except TrainingDiverged as err:
             print(f"training stopped: {err}", file=sys.stderr)
             return 1
