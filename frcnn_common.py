@@ -1098,48 +1098,34 @@ def _float32_above(threshold: float) -> float:
     return float(t) if float(t) > threshold else float(np.nextafter(t, np.float32(np.inf)))
 
 
-def _greedy_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, categories: Tensor | None,
-                max_keep: int | None, block: int = 128) -> Tensor:
-    """Greedy NMS over the boxes in score order, `block` boxes at a time (see nms).
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, max_keep: int | None = None,
+        block: int = 128) -> Tensor:
+    """Greedy non-maximum suppression: visit boxes from the highest score down and keep a box
+    unless a box already kept overlaps it with IoU > iou_threshold. Returns the kept indices,
+    by decreasing score (ties: lower index first), as torchvision.ops.nms does; with max_keep,
+    only the first max_keep of them (the same as slicing the full answer, and cheaper).
 
-    Within a block, S[i, j] = "i would suppress j" (i < j, IoU > threshold, same category)
-    and the kept set is the one fixed point of
+    Greedy NMS is sequential, but it need not be a Python loop over boxes. The sorted boxes
+    are settled `block` at a time. Within a block, S[i, j] = "i would suppress j" (i < j,
+    IoU > threshold), and the kept set is the one fixed point of
         keep[j] = alive[j] and not any_i(keep[i] and S[i, j]),
     where alive[j] = "no box kept in an earlier block suppresses j". Iterating that equation
     from keep = alive settles box j one step after every box before it that can suppress it:
-    a handful of vectorised steps per block, not a Python loop over boxes. Boxes are settled
-    in score order, so once max_keep are kept the rest cannot change the answer: stop there.
-    Blocks are small on purpose: every tensor op here stays under ATen's parallel grain
-    (32768 elements), where handing work to a second thread costs more than it saves.
+    a handful of matrix-vector steps per block. Once max_keep boxes are kept, the boxes
+    after them cannot change the answer: stop there.
     """
-    if categories is not None and max_keep is None:
-        # No cut to stop at: each category alone, so that no box is compared with another
-        # category's; then the order one pass over all boxes gives (score, then index).
-        keep = torch.cat([idx[_greedy_nms(boxes[idx], scores[idx], iou_threshold, None, None, block)]
-                          for idx in (torch.where(categories == c)[0] for c in torch.unique(categories))])
-        keep = keep.sort().values
-        return keep[torch.sort(scores[keep], descending=True, stable=True)[1]]
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True)[1]
-    boxes = boxes[order]
-    categories = None if categories is None else categories[order]
+    boxes = boxes[order]                                                      # (B, 4) by score
     threshold = _float32_above(iou_threshold)
-    kept, num_kept = [], 0
+    kept, num_kept = [], 0                 # positions in `boxes` of the kept boxes, block by block
     for start in range(0, len(boxes), block):
-        stop = start + block
-        blk_boxes = boxes[start:stop]                                         # (B, 4)
-        suppresses = box_iou(blk_boxes, blk_boxes) >= threshold               # (B, B)
-        if categories is not None:
-            blk_categories = categories[start:stop]
-            suppresses &= blk_categories[:, None] == blk_categories[None, :]
-        position = torch.arange(len(blk_boxes), device=boxes.device)
-        suppresses &= position[:, None] < position[None, :]                  # only i < j
+        blk_boxes = boxes[start:start + block]                                # (b, 4)
+        suppresses = (box_iou(blk_boxes, blk_boxes) >= threshold).triu_(diagonal=1)  # (b, b), i < j
         alive = torch.ones(len(blk_boxes), dtype=torch.bool, device=boxes.device)
-        # the boxes kept so far, (K,) positions, 192 at a time: (192, B) stays under the grain
-        for prev in (torch.cat(kept).split(192) if kept else []):
-            over = box_iou(boxes[prev], blk_boxes) >= threshold               # (K_b, B)
-            if categories is not None:
-                over &= categories[prev][:, None] == blk_categories[None, :]
-            alive &= ~over.any(dim=0)
+        if kept:
+            alive = ~(box_iou(boxes[torch.cat(kept)], blk_boxes) >= threshold).any(dim=0)  # (K, b) -> (b,)
         keep = alive
         while True:
             new_keep = alive & ~(suppresses & keep[:, None]).any(dim=0)
@@ -1153,62 +1139,26 @@ def _greedy_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, categories:
     return order[torch.cat(kept)[:max_keep]]
 
 
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, max_keep: int | None = None) -> Tensor:
-    """Greedy non-maximum suppression: visit boxes from the highest score down and keep a box
-    unless a box already kept overlaps it with IoU > iou_threshold. Returns the kept indices,
-    by decreasing score (ties: lower index first), as torchvision.ops.nms does; with max_keep,
-    only the first max_keep of them (the same as slicing the full answer, and cheaper).
-
-    Greedy NMS is sequential, but it need not be a Python loop over boxes: _greedy_nms
-    settles blocks of 128 boxes, in score order, with a few matrix-vector steps each.
-    """
-    if boxes.numel() == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    return _greedy_nms(boxes, scores, iou_threshold, None, max_keep)
-
-
-def _offset_route(boxes: Tensor) -> bool:
-    """torchvision.ops.batched_nms's choice of method: offsets up to 1000 boxes on a CPU
-    (4000 numbers), 25000 on a GPU; one NMS with categories above that."""
-    return boxes.numel() <= (4000 if boxes.device.type == "cpu" else 100_000)
-
-
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *,
                 max_keep: int | None = None) -> Tensor:
     """NMS within each category of `idxs` independently (categories never suppress each other);
     kept indices by decreasing score, the first max_keep of them when given.
 
-    Two routes to the same answer, chosen as torchvision.ops.batched_nms chooses, so that
-    the arithmetic (and so every borderline IoU) agrees with it to the bit:
-    - up to 1000 boxes (4000 numbers; 25000 boxes on a GPU): shift each category's boxes to
-      its own region of the plane, by an offset larger than any coordinate, so that boxes of
-      different categories are disjoint and one NMS does all of them;
-    - above that: one NMS over the boxes as they are, where a box only suppresses boxes of
-      its own category; kept boxes of equal score come in torchvision's order.
+    Shift each category's boxes to its own region of the plane, by an offset larger than any
+    coordinate: boxes of different categories are then disjoint, and one nms does all of them.
+
+    Above 1000 boxes (4000 numbers; 25000 boxes on a GPU) torchvision.ops.batched_nms runs
+    each category alone instead, whose float rounding (no offsets) and order of exactly equal
+    scores (an unstable sort) differ; so does this function there, through
+    batched_nms_by_category (Appendix: speed and parity), so that every result agrees with
+    torchvision's to the bit.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if not _offset_route(boxes):
-        # torchvision's route ends by sorting all the kept boxes with an unstable sort, which
-        # puts equal scores in an order of its own (and training samples RoIs by position).
-        # Without equal scores among the boxes that can rank up to our last one, there is
-        # one order and ours is it; with them, the same call on the same whole kept set, in
-        # index order, reproduces torchvision's. Stopping early is worth a try only when
-        # max_keep is a small part of the boxes (the box head's 100 detections): among
-        # thousands of scores some are equal, and the whole set is then needed after all.
-        early = max_keep is not None and 4 * max_keep <= len(boxes)
-        keep = _greedy_nms(boxes, scores, iou_threshold, idxs, max_keep if early else None)
-        if len(keep) == 0:  # max_keep=0
-            return keep
-        contenders = scores[scores >= scores[keep[-1]]]
-        if len(torch.unique(contenders)) < len(contenders):
-            if early and len(keep) == max_keep:  # stopped early: finish the job
-                keep = _greedy_nms(boxes, scores, iou_threshold, idxs, None)
-            keep = keep.sort().values
-            keep = keep[scores[keep].sort(descending=True)[1]]
-        return keep[:max_keep]
-    offsets = idxs.to(boxes) * (boxes.max() + 1)
-    return _greedy_nms(boxes + offsets[:, None], scores, iou_threshold, None, max_keep)
+    if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000):
+        return batched_nms_by_category(boxes, scores, idxs, iou_threshold, max_keep=max_keep)
+    offsets = idxs.to(boxes) * (boxes.max() + 1)                              # (B,)
+    return nms(boxes + offsets[:, None], scores, iou_threshold, max_keep=max_keep)
 
 
 class AnchorGenerator(nn.Module):
@@ -1444,23 +1394,10 @@ class RegionProposalNetwork(nn.Module):
             keep = remove_small_boxes(boxes, self.min_size)
             keep = keep[scores_i[keep] >= self.score_thresh]
             boxes, scores_i, lvl = boxes[keep], scores_i[keep], levels[keep]
-            keep = self.nms_per_level(boxes, scores_i, lvl, max_keep=self.post_nms_top_n[self.training])
+            keep = batched_nms(boxes, scores_i, lvl, self.nms_thresh, max_keep=self.post_nms_top_n[self.training])
             out_boxes.append(boxes[keep])
             out_scores.append(scores_i[keep])
         return out_boxes, out_scores
-
-    def nms_per_level(self, boxes: Tensor, scores: Tensor, levels: Tensor, max_keep: int | None = None) -> Tensor:
-        """NMS with the level as category (a box never suppresses one of another level), indices
-        by decreasing score. Only the best max_keep are wanted, and greedy NMS settles boxes in
-        score order, so it can stop once it has them: at test time 1000 of ~4700 candidates.
-
-        Among thousands of sigmoid scores near 1 some are equal to the last bit, and
-        batched_nms then finishes the whole NMS to put them in torchvision's order. Training
-        needs that order (it samples RoIs by position); at test time two proposals of equal
-        score give the same detections in either order, so it stops early regardless."""
-        if self.training or _offset_route(boxes):  # (offsets: no ties to order, no need)
-            return batched_nms(boxes, scores, levels, self.nms_thresh, max_keep=max_keep)
-        return _greedy_nms(boxes, scores, self.nms_thresh, levels, max_keep)
 
     def loss(self, anchors: Tensor, objectness: Tensor, pred_deltas: Tensor, targets) -> dict:
         """Binary cross-entropy on sampled anchors + smooth-L1 (beta 1/9) on the positives,
@@ -1540,78 +1477,46 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     aligned=True shifts boxes by half a pixel so that a box's corner sits on a pixel's
     corner, not its centre; aligned=False (the Faster R-CNN default) also makes every RoI at
     least 1x1. Returns (R, C, out_h, out_w).
+
+    This is the version to read: one RoI at a time. The model runs roi_align_fast (Appendix:
+    speed and parity), which computes the same numbers for all RoIs at once.
     """
     rois = boxes_to_rois(boxes) if isinstance(boxes, (list, tuple)) else boxes
     out_h, out_w = _pair(output_size)
-    output = input.new_zeros((len(rois), input.shape[1], out_h, out_w))  # RoIs that average nothing: 0
-    for idx, val in _roi_align_pieces(input, rois, (out_h, out_w), spatial_scale, sampling_ratio, aligned):
-        # (r, out_h, out_w, C) -> (r, C, out_h, out_w); out of place, so autograd sees each piece
-        output = output.index_copy(0, idx, val.permute(0, 3, 1, 2))
-    return output
-
-
-def _roi_align_pieces(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
-                      sampling_ratio: int, aligned: bool):
-    """roi_align, a few hundred RoIs at a time: yields (RoI indices (r,), their output
-    (r, out_h, out_w, C)) so that a caller can place each piece where it belongs without
-    holding a second copy of the whole output. RoIs that average nothing (aligned=True and
-    zero size) are not yielded: their output is 0.
-
-    Every output number is a weighted sum of input pixels: out[r, :, i, j] = sum over the
-    bin's samples and each sample's 4 bilinear taps of weight * input[n, :, y, x], with
-    weight = (y weight * x weight) / samples per bin. F.embedding_bag computes exactly such
-    sums (rows of a table, with a weight per row, summed per "bag"), in one fused kernel and
-    without materialising the taps: the table is the channels-last view of the map, one
-    row of C numbers per pixel, and each bin is a bag of samples * 4 rows.
-    """
-    out_h, out_w = output_size
-    num_rois, (n, c, height, width) = rois.shape[0], input.shape
-    if num_rois == 0:
-        return
+    c, height, width = input.shape[1:]
     # the geometry in at least float32: half precision cannot place a sample within a pixel
     rois = rois.to(torch.promote_types(input.dtype, torch.float32))
     offset = 0.5 if aligned else 0.0
-    x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
-    roi_w, roi_h = rois[:, 3] * spatial_scale - offset - x1, rois[:, 4] * spatial_scale - offset - y1
-    if not aligned:
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    bin_w, bin_h = roi_w / out_w, roi_h / out_h
-    if sampling_ratio > 0:
-        grid_h = grid_w = torch.full((num_rois,), sampling_ratio, dtype=torch.int64, device=rois.device)
-    else:
-        grid_h = torch.ceil(roi_h / out_h).to(torch.int64).clamp(min=0)
-        grid_w = torch.ceil(roi_w / out_w).to(torch.int64).clamp(min=0)
-
-    # (N*H*W, C) with rows contiguous: a free view of a channels_last map, else one copy
-    table = input.permute(0, 2, 3, 1).reshape(n * height * width, c).contiguous()
-    # RoIs that share a sample grid are done together: one group when sampling_ratio > 0.
-    grids = torch.stack([grid_h, grid_w], dim=1)
-    for gh, gw in torch.unique(grids, dim=0).tolist():
-        if gh == 0 or gw == 0:
-            continue  # an empty RoI (aligned=True, zero size) averages nothing: 0
-        members = torch.where((grids[:, 0] == gh) & (grids[:, 1] == gw))[0]
-        # about 256k taps at a time: the index tensors stay small, and so does each piece
-        chunk = max(1, (1 << 18) // (out_h * out_w * gh * gw * 4))
-        for idx in members.split(chunk):
-            r = len(idx)
-            # sample coordinates (r, out*g): bin start + (i + 0.5) * bin / g, as torchvision orders it
-            iy = torch.arange(out_h * gh, device=rois.device)
-            ix = torch.arange(out_w * gw, device=rois.device)
-            ys = (y1[idx, None] + (iy // gh) * bin_h[idx, None]) + ((iy % gh) + 0.5).to(rois.dtype) * bin_h[idx, None] / gh
-            xs = (x1[idx, None] + (ix // gw) * bin_w[idx, None]) + ((ix % gw) + 0.5).to(rois.dtype) * bin_w[idx, None] / gw
-            y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(ys, height)   # (r, SY)
-            x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(xs, width)    # (r, SX)
-            # bag layout (r, out_h, out_w, gh, gw, 2 y taps, 2 x taps): one bag per output bin
-            rows = torch.stack([y_lo, y_hi], dim=-1).reshape(r, out_h, 1, gh, 1, 2, 1)
-            cols = torch.stack([x_lo, x_hi], dim=-1).reshape(r, 1, out_w, 1, gw, 1, 2)
-            wy = torch.stack([wy_lo, wy_hi], dim=-1).reshape(r, out_h, 1, gh, 1, 2, 1)
-            wx = torch.stack([wx_lo, wx_hi], dim=-1).reshape(r, 1, out_w, 1, gw, 1, 2)
-            image = rois[idx, 0].to(torch.int64).reshape(r, 1, 1, 1, 1, 1, 1)
-            pixel = (image * height + rows) * width + cols                    # row of `table`
-            weight = wy * wx / (gh * gw)                                       # mean over the bin's samples
-            val = F.embedding_bag(pixel.reshape(r * out_h * out_w, -1), table, mode="sum",
-                                  per_sample_weights=weight.reshape(r * out_h * out_w, -1).to(input.dtype))
-            yield idx, val.reshape(r, out_h, out_w, c)
+    outputs = []
+    for roi in rois:
+        x1, y1, x2, y2 = roi[1:] * spatial_scale - offset       # the box on this map
+        roi_w, roi_h = x2 - x1, y2 - y1
+        if not aligned:
+            roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+        bin_w, bin_h = roi_w / out_w, roi_h / out_h
+        # samples per bin along each axis: fixed, or enough for about one per pixel
+        gh = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(roi_h / out_h)), 0)
+        gw = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(roi_w / out_w)), 0)
+        if gh == 0 or gw == 0:  # an empty RoI (aligned=True, zero size) averages nothing: 0
+            outputs.append(input.new_zeros((c, out_h, out_w)))
+            continue
+        # sample coordinates: bin start + (i + 0.5) * bin / g, (out_h*gh,) and (out_w*gw,)
+        iy, ix = torch.arange(out_h * gh, device=rois.device), torch.arange(out_w * gw, device=rois.device)
+        ys = (y1 + (iy // gh) * bin_h) + ((iy % gh) + 0.5) * bin_h / gh
+        xs = (x1 + (ix // gw) * bin_w) + ((ix % gw) + 0.5) * bin_w / gw
+        y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(ys, height)
+        x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(xs, width)
+        feature = input[int(roi[0])]                             # (C, H, W)
+        # bilinear interpolation at every sample: its four pixels, weighted, (C, SY, SX)
+        samples = (feature[:, y_lo][:, :, x_lo] * (wy_lo[:, None] * wx_lo[None, :])
+                   + feature[:, y_lo][:, :, x_hi] * (wy_lo[:, None] * wx_hi[None, :])
+                   + feature[:, y_hi][:, :, x_lo] * (wy_hi[:, None] * wx_lo[None, :])
+                   + feature[:, y_hi][:, :, x_hi] * (wy_hi[:, None] * wx_hi[None, :]))
+        # each bin averages its gh x gw samples: (C, out_h*gh, out_w*gw) -> (C, out_h, out_w)
+        outputs.append(samples.reshape(c, out_h, gh, out_w, gw).mean(dim=(2, 4)).to(input.dtype))
+    if not outputs:
+        return input.new_zeros((0, c, out_h, out_w))
+    return torch.stack(outputs)
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -1653,10 +1558,9 @@ class MultiScaleRoIAlign(nn.Module):
         out = features[0].new_empty((len(rois), c, out_h, out_w))  # every RoI has a level: all written
         for level, (feature, scale) in enumerate(zip(features, scales)):
             level_idx = torch.where(levels == level)[0]
-            # piece by piece, straight into `out`: (r, 7, 7, C) -> (r, C, 7, 7)
-            for idx, val in _roi_align_pieces(feature, rois[level_idx], (out_h, out_w), scale,
-                                              self.sampling_ratio, False):
-                out[level_idx[idx]] = val.permute(0, 3, 1, 2)
+            # roi_align's numbers, all RoIs at once (Appendix), written straight into their rows of `out`
+            roi_align_fast(feature, rois[level_idx], (out_h, out_w), scale, self.sampling_ratio,
+                           out=out, out_rows=level_idx)
         return out
 
 
@@ -1847,6 +1751,12 @@ class FasterRCNN(nn.Module):
 
         model(images)            eval:  list of {"boxes" (D, 4), "scores" (D,), "labels" (D,)} in input pixels
         model(images, targets)   train: {"rpn_objectness", "rpn_box", "roi_classifier", "roi_box"}
+
+    In eval mode the model runs, by default (fused_inference=True), an inference copy of itself
+    with BatchNorm folded into the convolutions and channels_last weights (inference_copy,
+    Appendix: speed and parity): the same detections within 1e-2 px, faster. model.train()
+    goes back to these modules, the ones that train; fused_inference=False runs them in eval
+    mode too, in torchvision's order of arithmetic.
     """
 
     def __init__(self, num_classes: int = 91, *, backbone: BackboneWithFPN | None = None,
@@ -1864,8 +1774,11 @@ class FasterRCNN(nn.Module):
                  box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
                  box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
                  box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
-                 bbox_reg_weights=(10.0, 10.0, 5.0, 5.0)):
+                 bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+                 # inference: run the folded, channels_last copy in eval mode (see above)
+                 fused_inference: bool = True):
         super().__init__()
+        self.fused_inference = fused_inference
         if backbone is None:
             backbone = resnet_fpn_backbone()
             backbone.body.freeze(3)  # as torchvision with pretrained weights: stem and layer1 frozen
@@ -1892,6 +1805,8 @@ class FasterRCNN(nn.Module):
             detections_per_img=box_detections_per_img)
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
+        if not self.training and self.fused_inference:
+            return inference_copy(self)(images)  # the same steps, on the fused copy (Appendix)
         if self.training:
             check_targets(images, targets)
         original_sizes = [tuple(img.shape[-2:]) for img in images]
@@ -1904,17 +1819,21 @@ class FasterRCNN(nn.Module):
         return self.transform.postprocess(detections, image_sizes, original_sizes)
 
     def fuse(self) -> "FasterRCNN":
-        """An inference copy of this model, the one `predict` and `evaluate` should run:
-        BatchNorm folded into the convolutions (ResNet.fold_batchnorm), weights in
-        channels_last (so every feature map is too: the layout the CPU's convolutions and
-        roi_align's gathers run fastest in), eval mode, no gradients. This model is left as
-        it is. Detections equal this model's within 1e-2 px: folding and the layout
-        reorder float sums. Call it under torch.inference_mode() for the full speed.
-        """
-        from copy import deepcopy
-        fused = deepcopy(self).eval().requires_grad_(False)
-        fused.backbone.body.fold_batchnorm()
-        return fused.to(memory_format=torch.channels_last)
+        """A new inference copy of this model (fused_copy: BatchNorm folded, channels_last, eval
+        mode, no gradients); this model is left as it is. model.eval() already runs one."""
+        return fused_copy(self)
+
+    def train(self, mode: bool = True) -> "FasterRCNN":
+        """Training or eval mode (eval() calls this too). Either way the cached inference copy
+        is dropped: eval mode builds a fresh one on its first forward."""
+        self.__dict__.pop("_inference_copy", None)
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the cached inference copy behind."""
+        state = self.__dict__.copy()
+        state.pop("_inference_copy", None)
+        return state
 
     def load_torchvision_state_dict(self, state_dict: dict) -> "FasterRCNN":
         """Load torchvision's fasterrcnn_resnet50_fpn weights (strictly: every key used)."""
@@ -2911,6 +2830,161 @@ def average_precision(predictions, targets, *, class_names=None, return_details=
     if return_details:
         metrics.update(_details(precision, recall, class_ids, class_names))
     return metrics
+
+
+# =============================================================================================
+# Appendix: speed and parity
+# =============================================================================================
+"""Appendix. Code that exists only to be fast, or only to agree with torchvision to the last
+bit where the readable versions above would agree to a rounding error or up to the order of
+exactly equal scores. Each piece is reached through one name, called from one place, and
+tested equal to the version a notebook explains (tests/test_speed_paths.py).
+
+Names:
+    batched_nms_by_category   torchvision's batched_nms above 1000 boxes: each category alone,
+                              equal scores in its order (batched_nms calls it there)
+    roi_align_fast            roi_align for all RoIs at once (MultiScaleRoIAlign calls it)
+    fused_copy                a FasterRCNN's inference copy: BatchNorm folded, channels_last
+    inference_copy            that copy, cached and kept up to date (an eval-mode FasterRCNN
+                              runs it: FasterRCNN.forward)
+"""
+
+
+def batched_nms_by_category(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *,
+                            max_keep: int | None = None) -> Tensor:
+    """batched_nms the way torchvision.ops.batched_nms does it above 1000 boxes on a CPU: nms
+    on each category's boxes as they are (no offsets, so every IoU is rounded as torchvision
+    rounds it), then all kept boxes, in index order, sorted by score with torchvision's
+    unstable sort, which puts exactly equal scores in an order of its own. Training samples
+    RoIs by position, so the order matters for parity of the losses.
+
+    With max_keep each category stops at its best max_keep boxes. Without equal scores among
+    the boxes that can rank up to the last one kept, there is one order, (score, index), and
+    it is torchvision's; with them, the whole kept set is needed after all, to sort it as
+    torchvision does.
+    """
+    def kept_in_index_order(limit):  # -> (kept indices, sorted; whether every category ran to the end)
+        per_category = [idx[nms(boxes[idx], scores[idx], iou_threshold, max_keep=limit)]
+                        for idx in (torch.where(idxs == c)[0] for c in torch.unique(idxs))]
+        complete = limit is None or all(len(k) < limit for k in per_category)
+        return torch.cat(per_category).sort().values, complete
+
+    if max_keep == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    keep, complete = kept_in_index_order(max_keep)
+    if not complete:
+        keep = keep[torch.sort(scores[keep], descending=True, stable=True)[1]][:max_keep]
+        contenders = scores[scores >= scores[keep[-1]]]
+        if len(torch.unique(contenders)) == len(contenders):
+            return keep
+        keep, _ = kept_in_index_order(None)
+    return keep[scores[keep].sort(descending=True)[1]][:max_keep]  # torchvision's call, unstable
+
+
+def roi_align_fast(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                   aligned: bool = False, *, out: Tensor | None = None, out_rows: Tensor | None = None) -> Tensor:
+    """roi_align's numbers (same arguments), for all RoIs at once, a few hundred at a time.
+
+    out, out_rows: write RoI i's output into out[out_rows[i]] and return `out` (so that
+    MultiScaleRoIAlign fills one tensor for all levels without a second copy of it); rows of
+    RoIs that average nothing (aligned=True and zero size) are set to 0.
+
+    Every output number is a weighted sum of input pixels: out[r, :, i, j] = sum over the
+    bin's samples and each sample's 4 bilinear taps of weight * input[n, :, y, x], with
+    weight = (y weight * x weight) / samples per bin. F.embedding_bag computes exactly such
+    sums (rows of a table, with a weight per row, summed per "bag"), in one fused kernel and
+    without materialising the taps: the table is the channels-last view of the map, one
+    row of C numbers per pixel, and each bin is a bag of samples * 4 rows.
+    """
+    rois = boxes_to_rois(boxes) if isinstance(boxes, (list, tuple)) else boxes
+    out_h, out_w = _pair(output_size)
+    num_rois, (n, c, height, width) = rois.shape[0], input.shape
+    if out is None:
+        out = input.new_zeros((num_rois, c, out_h, out_w))
+        out_rows = torch.arange(num_rois, device=input.device)
+    if num_rois == 0:
+        return out
+    # the geometry in at least float32: half precision cannot place a sample within a pixel
+    rois = rois.to(torch.promote_types(input.dtype, torch.float32))
+    offset = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    roi_w, roi_h = rois[:, 3] * spatial_scale - offset - x1, rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / out_w, roi_h / out_h
+    if sampling_ratio > 0:
+        grid_h = grid_w = torch.full((num_rois,), sampling_ratio, dtype=torch.int64, device=rois.device)
+    else:
+        grid_h = torch.ceil(roi_h / out_h).to(torch.int64).clamp(min=0)
+        grid_w = torch.ceil(roi_w / out_w).to(torch.int64).clamp(min=0)
+
+    # (N*H*W, C) with rows contiguous: a free view of a channels_last map, else one copy
+    table = input.permute(0, 2, 3, 1).reshape(n * height * width, c).contiguous()
+    # RoIs that share a sample grid are done together: one group when sampling_ratio > 0.
+    grids = torch.stack([grid_h, grid_w], dim=1)
+    for gh, gw in torch.unique(grids, dim=0).tolist():
+        members = torch.where((grids[:, 0] == gh) & (grids[:, 1] == gw))[0]
+        if gh == 0 or gw == 0:  # an empty RoI (aligned=True, zero size) averages nothing: 0
+            out[out_rows[members]] = 0
+            continue
+        # about 256k taps at a time: the index tensors stay small, and so does each piece
+        chunk = max(1, (1 << 18) // (out_h * out_w * gh * gw * 4))
+        for idx in members.split(chunk):
+            r = len(idx)
+            # sample coordinates (r, out*g): bin start + (i + 0.5) * bin / g, as torchvision orders it
+            iy = torch.arange(out_h * gh, device=rois.device)
+            ix = torch.arange(out_w * gw, device=rois.device)
+            ys = (y1[idx, None] + (iy // gh) * bin_h[idx, None]) + ((iy % gh) + 0.5).to(rois.dtype) * bin_h[idx, None] / gh
+            xs = (x1[idx, None] + (ix // gw) * bin_w[idx, None]) + ((ix % gw) + 0.5).to(rois.dtype) * bin_w[idx, None] / gw
+            y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(ys, height)   # (r, SY)
+            x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(xs, width)    # (r, SX)
+            # bag layout (r, out_h, out_w, gh, gw, 2 y taps, 2 x taps): one bag per output bin
+            rows = torch.stack([y_lo, y_hi], dim=-1).reshape(r, out_h, 1, gh, 1, 2, 1)
+            cols = torch.stack([x_lo, x_hi], dim=-1).reshape(r, 1, out_w, 1, gw, 1, 2)
+            wy = torch.stack([wy_lo, wy_hi], dim=-1).reshape(r, out_h, 1, gh, 1, 2, 1)
+            wx = torch.stack([wx_lo, wx_hi], dim=-1).reshape(r, 1, out_w, 1, gw, 1, 2)
+            image = rois[idx, 0].to(torch.int64).reshape(r, 1, 1, 1, 1, 1, 1)
+            pixel = (image * height + rows) * width + cols                    # row of `table`
+            weight = wy * wx / (gh * gw)                                       # mean over the bin's samples
+            val = F.embedding_bag(pixel.reshape(r * out_h * out_w, -1), table, mode="sum",
+                                  per_sample_weights=weight.reshape(r * out_h * out_w, -1).to(input.dtype))
+            out[out_rows[idx]] = val.reshape(r, out_h, out_w, c).permute(0, 3, 1, 2)  # (r, C, out_h, out_w)
+    return out
+
+
+def fused_copy(model: "FasterRCNN") -> "FasterRCNN":
+    """An inference copy of a FasterRCNN: BatchNorm folded into the convolutions
+    (ResNet.fold_batchnorm), weights in channels_last (so every feature map is too: the
+    layout the CPU's convolutions and roi_align_fast's gathers run fastest in), eval mode,
+    no gradients. The model is left as it is. Detections equal the model's within 1e-2 px:
+    folding and the layout reorder float sums.
+    """
+    from copy import deepcopy
+    with torch.inference_mode(False):  # real tensors, even when first called under inference_mode
+        fused = deepcopy(model).eval().requires_grad_(False)
+        fused.fused_inference = False  # the copy runs its own modules
+        fused.backbone.body.fold_batchnorm()
+        return fused.to(memory_format=torch.channels_last)
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a weight does: in place (an optimiser step, load_state_dict, any `x.mul_`
+    under no_grad bumps a tensor's version), or replaced (.to(), a new device or dtype)."""
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in (*model.parameters(), *model.buffers()))
+
+
+def inference_copy(model: "FasterRCNN") -> "FasterRCNN":
+    """The fused_copy that an eval-mode FasterRCNN runs, cached on the model: built on first
+    use after model.eval(), rebuilt when a weight changed since (see _weights_key), dropped by
+    model.train() (FasterRCNN.train). Weights changed through `.data` are invisible to it:
+    call model.eval() again after such a change."""
+    key = _weights_key(model)
+    cached = model.__dict__.get("_inference_copy")
+    if cached is None or cached[0] != key:
+        model.__dict__.pop("_inference_copy", None)  # free the stale copy before building the new one
+        model.__dict__["_inference_copy"] = cached = (key, fused_copy(model))
+    return cached[1]
+
 
 
 # =============================================================================================
