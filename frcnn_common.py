@@ -1,14 +1,16 @@
 """Faster R-CNN from scratch: the code that the notebooks explain.
 
-One section per notebook, in notebook order:
+One section per notebook, in notebook order, then the appendix and the command line; each
+opens with a banner (these lines, word for word) and an index of the names it defines:
 
-    01 data        embedded dataset, COCO / VOC readers, transforms, batching
-    02 backbone    Bottleneck, ResNet50, FPN
-    03 rpn         anchors, box coding, matching, sampling, RPN head and loss, NMS, proposals
-    04 roi heads   RoIAlign, level mapping, box head, predictor, RoI sampling and loss, FasterRCNN
-    05 training    profiles, training loop, checkpoints, DDP
-    06 inference   detection, COCO evaluation (pycocotools and from scratch), prediction
-    CLI            python -m frcnn_common data | train | evaluate | predict
+    01 data: embedded dataset, COCO / VOC readers, transforms, batching
+    02 backbone: Bottleneck, ResNet50, FPN
+    03 rpn: boxes, anchors, box coding, matching, sampling, NMS, the Region Proposal Network
+    04 roi heads: RoIAlign, level mapping, box head, predictor, RoI sampling and loss, FasterRCNN
+    05 training: profiles, the model they build, the training loop, checkpoints, DDP
+    06 evaluation: the COCO detection metric, through pycocotools and from scratch
+    Appendix: speed and parity
+    Prediction, drawing and the CLI: python -m frcnn_common data | train | evaluate | predict
 
 Conventions, said once:
 - Boxes are (x1, y1, x2, y2) in absolute pixels ("xyxy"), float32.
@@ -46,7 +48,6 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch import Tensor, nn
 from tqdm import tqdm
 
-IMG_SIZE = 400  # the side the notebooks use to show shapes; the detector itself resizes (min_size)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOT = pathlib.Path(__file__).resolve().parent
 
@@ -58,6 +59,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # =============================================================================================
 # 01 data: embedded dataset, COCO / VOC readers, transforms, batching
 # =============================================================================================
+# build_shapes_dataset — writes the embedded dataset (SHAPES_CLASSES) in COCO format
+# CocoDetection — reader of COCO json + images; class_names[0] == "__background__"
+# RandomHorizontalFlip — transform of (image, target) pairs
+# DatasetError, DatasetWarning — bad input: an error naming the file, or one warning per dataset
+# VOCDetection — reader of Pascal VOC xml + images
+# Compose — chains transforms
+# collate_fn, make_data_loader — batches are lists: images differ in size
+# load_image — any PNG/JPEG mode -> FloatTensor[3, H, W]; write_atomic — temporary file, then rename
 """Section 01. Everything a detector eats, in one format.
 
     image   FloatTensor[3, H, W], RGB, values in 0..1 (H, W differ between images)
@@ -775,6 +784,13 @@ def make_data_loader(dataset, *, batch_size, shuffle, num_workers=None, seed=0, 
 # =============================================================================================
 # 02 backbone: Bottleneck, ResNet50, FPN
 # =============================================================================================
+# Bottleneck — the ResNet block: 1x1, 3x3 (stride), 1x1, plus the shortcut
+# ResNet, ResNet50 — C2..C5; freeze, fold_batchnorm, load_torchvision_state_dict
+# FPN — P2..P6 from C2..C5
+# sample_photo — a real photo (Grace Hopper) to look at features on
+# imagenet_resnet50_state_dict, torchvision_weights — torchvision's published weights, or None
+# FrozenBatchNorm2d, fold_batchnorm — BatchNorm with fixed statistics; folded into a conv
+# BackboneWithFPN, resnet_fpn_backbone — ResNet + FPN, of any depth and width
 """Section 02. ResNet50 (He et al., 2016) turns an image into four feature maps, and the
 Feature Pyramid Network (Lin et al., 2017) gives each of them 256 channels and the
 semantics of the deepest one.
@@ -1037,7 +1053,6 @@ def imagenet_resnet50_state_dict(path: str | os.PathLike | None = None) -> dict 
 def sample_photo() -> Tensor:
     """A real photo (Grace Hopper, 512x600, shipped with matplotlib) as FloatTensor[3, H, W]."""
     import matplotlib.cbook
-    from PIL import Image
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
         rgb = Image.open(f).convert("RGB")
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
@@ -1046,6 +1061,16 @@ def sample_photo() -> Tensor:
 # =============================================================================================
 # 03 rpn: boxes, anchors, box coding, matching, sampling, NMS, the Region Proposal Network
 # =============================================================================================
+# AnchorGenerator — anchors of every level, one size per level, three aspect ratios
+# BoxCoder — box <-> deltas (Eq. 2)
+# Matcher — anchors (or proposals) to ground-truth boxes by IoU
+# box_area, box_iou — areas; IoU of every pair
+# BalancedSampler — positives and negatives, at most a fraction positive
+# RPNHead, flatten_head_outputs — the head's maps, one row per anchor
+# clip_boxes_to_image, remove_small_boxes — proposal clean-up
+# nms — greedy non-maximum suppression, vectorised in blocks
+# batched_nms — NMS within each category, by coordinate offsets
+# RegionProposalNetwork — anchors + head + proposal selection + loss
 """Section 03. The Region Proposal Network (Ren et al., 2015, Sec. 3.1) slides a small head
 over every pyramid level and, at each location, scores A anchors for "object or not" and
 regresses a box from each.
@@ -1057,6 +1082,8 @@ regresses a box from each.
 
 Every op here (box_iou, nms, batched_nms) is written from scratch with the arithmetic of
 torchvision.ops, so results agree to the last bit where the order of operations agrees.
+Above 1000 boxes torchvision's batched_nms changes method; batched_nms follows it there
+through the appendix (batched_nms_by_category).
 """
 
 
@@ -1358,7 +1385,8 @@ class RegionProposalNetwork(nn.Module):
         self.nms_thresh, self.score_thresh, self.min_size = nms_thresh, score_thresh, min_size
 
     def forward(self, batch_shape, image_sizes, features, targets=None):
-        """features P2..P6 -> (proposals: list of (R_i, 4), losses: dict, extras for plots)."""
+        """features P2..P6 -> (proposals: list of (R_i, 4), their objectness probabilities: list of
+        (R_i,), losses: dict, empty unless training)."""
         logits, deltas = self.head(features)
         anchors = self.anchor_generator(batch_shape, features)       # (P, 4), same for all images
         num_per_level = [lg[0].numel() for lg in logits]             # H_l * W_l * A
@@ -1430,6 +1458,13 @@ class RegionProposalNetwork(nn.Module):
 # =============================================================================================
 # 04 roi heads: RoIAlign, level mapping, box head, predictor, RoI sampling and loss, FasterRCNN
 # =============================================================================================
+# roi_align, boxes_to_rois — RoIAlign, one RoI at a time (the fast one: Appendix)
+# MultiScaleRoIAlign — RoIAlign from the level that suits each RoI (map_levels)
+# TwoMLPHead, FastRCNNPredictor — box head and predictor
+# RoIHeads — RoI sampling and loss when training, detections when not
+# DetectionTransform, resize_boxes — normalise, resize, pad; boxes back to input pixels
+# FasterRCNN — the whole detector; load_torchvision_state_dict; eval runs the fused copy
+# check_targets — training targets refused with a clear message when malformed
 """Section 04. The second stage (Girshick, 2015; Ren et al., 2015, Sec. 3.2) crops a fixed
 7x7 grid of features for each proposal with RoIAlign (He et al., 2017, Sec. 3), from the
 pyramid level that suits its size (Lin et al., 2017, Eq. 1), and classifies and refines it.
@@ -1878,6 +1913,17 @@ def check_targets(images: list[Tensor], targets) -> None:
 # =============================================================================================
 # 05 training: profiles, the model they build, the training loop, checkpoints, DDP
 # =============================================================================================
+# TrainConfig, PROFILES — every setting of a run; smoke, cpu, full
+# make_datasets, subset — train and validation sets of a config
+# build_model — the FasterRCNN a config describes
+# trainable_targets — crowd regions and 'difficult' objects kept for evaluation, out of the loss
+# train_one_epoch — the loop: forward, guard, backward, clip, step
+# train, train_in_processes — the whole run (setup_run, epoch_loader, train_one_epoch,
+#     end_epoch); the CPU launcher
+# lr_factor, make_optimizer — schedule and optimiser
+# load_checkpoint, save_checkpoint — a trained model back, in eval mode; atomic writes
+# predict_dataset, evaluate_model — detections and COCO metrics over a dataset
+# torchvision_detector_state_dict, COCO_CLASSES — torchvision's COCO weights and labels
 """Section 05. One commented dataclass holds every setting of a run; three profiles fill it:
 
     smoke   seconds on a CPU: for tests
@@ -2079,7 +2125,8 @@ def save_checkpoint(obj: dict, path) -> None:
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model in eval mode, checkpoint dict) from a file that train wrote."""
+    """(model in eval mode, checkpoint dict) from a file that train wrote. In eval mode the model
+    runs its fused inference copy (FasterRCNN, inference_copy): nothing to call for speed."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -2131,7 +2178,8 @@ class TrainingDiverged(RuntimeError):
 @torch.inference_mode()
 def predict_dataset(model: nn.Module, dataset, *, device, batch_size: int = 4, progress: bool = True,
                     desc: str = "evaluate"):
-    """Run the model over a dataset: (predictions, targets), both lists of dicts on the CPU."""
+    """Run the model over a dataset in eval mode (a FasterRCNN then runs its fused inference
+    copy): (predictions, targets), both lists of dicts on the CPU."""
     model.eval()
     loader = make_data_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     predictions, targets = [], []
@@ -2436,6 +2484,11 @@ def _cpu_process_main(rank: int, env: dict, threads: int, cfg: TrainConfig, devi
 # =============================================================================================
 # 06 evaluation: the COCO detection metric, through pycocotools and from scratch
 # =============================================================================================
+# coco_evaluate — COCO metrics through pycocotools
+# average_precision — the same metric from scratch, with numpy
+# COCO_METRIC_KEYS, COCO_RECALL_THRESHOLDS, COCO_IOU_THRESHOLDS, COCO_AREA_RANGES,
+#     COCO_MAX_DETS — COCOeval's parameters
+# save_coco_results, to_coco_results — detections as a COCO results file
 """Section 06, evaluation. The COCO detection metric (Lin et al., 2014, "Microsoft COCO:
 Common Objects in Context"; the rules are those of cocodataset.org/#detection-eval and of
 pycocotools' COCOeval), computed twice: `coco_evaluate` asks the official pycocotools,
@@ -2835,18 +2888,13 @@ def average_precision(predictions, targets, *, class_names=None, return_details=
 # =============================================================================================
 # Appendix: speed and parity
 # =============================================================================================
+# batched_nms_by_category — torchvision's batched_nms above 1000 boxes (batched_nms calls it)
+# roi_align_fast — roi_align for all RoIs at once (MultiScaleRoIAlign calls it)
+# fused_copy, inference_copy — the folded, channels_last copy an eval-mode FasterRCNN runs
 """Appendix. Code that exists only to be fast, or only to agree with torchvision to the last
 bit where the readable versions above would agree to a rounding error or up to the order of
 exactly equal scores. Each piece is reached through one name, called from one place, and
 tested equal to the version a notebook explains (tests/test_speed_paths.py).
-
-Names:
-    batched_nms_by_category   torchvision's batched_nms above 1000 boxes: each category alone,
-                              equal scores in its order (batched_nms calls it there)
-    roi_align_fast            roi_align for all RoIs at once (MultiScaleRoIAlign calls it)
-    fused_copy                a FasterRCNN's inference copy: BatchNorm folded, channels_last
-    inference_copy            that copy, cached and kept up to date (an eval-mode FasterRCNN
-                              runs it: FasterRCNN.forward)
 """
 
 
@@ -2988,8 +3036,11 @@ def inference_copy(model: "FasterRCNN") -> "FasterRCNN":
 
 
 # =============================================================================================
-# CLI: python -m frcnn_common data | train | evaluate | predict
+# Prediction, drawing and the CLI: python -m frcnn_common data | train | evaluate | predict
 # =============================================================================================
+# draw_boxes — an image and its xyxy boxes on a matplotlib axis, boxes on pixel edges
+# predict_images — detections on image files, drawn and written as json
+# main — python -m frcnn_common data | train | evaluate | predict
 
 def predict_images(model: nn.Module, paths, *, out_dir, class_names, device, score_thresh: float = 0.5,
                    progress: bool = True) -> list[dict]:
@@ -3019,16 +3070,39 @@ def predict_images(model: nn.Module, paths, *, out_dir, class_names, device, sco
     return results
 
 
-def draw_boxes(ax, image: Tensor, boxes: Tensor, texts=(), *, color="lime", linewidth=2.0) -> None:
-    """Show image (3, H, W) on a matplotlib axis with xyxy boxes and an optional text each."""
-    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())
-    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
-        ax.add_patch(__import__("matplotlib.patches", fromlist=["Rectangle"]).Rectangle(
-            (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth))
-        if i < len(texts):
-            ax.text(x1, y1, texts[i], color="black", fontsize=8, va="bottom",
-                    bbox=dict(facecolor=color, alpha=0.8, pad=1, edgecolor="none"))
-    ax.set_axis_off()
+def draw_boxes(ax, image: Tensor | None, boxes: Tensor, texts=(), *, color="lime", linewidth: float = 2.0,
+               linestyle="-", alpha: float = 1.0, text_color="black", fontsize: float = 8,
+               outline: bool = False) -> None:
+    """Draw xyxy boxes on a matplotlib axis: over `image` (3, H, W) in 0..1 when given (shown
+    with imshow, axis off), else over what the axis shows, drawn with imshow's default extent.
+
+    The pixel-edge convention of notebook 01: a box (x1, y1, x2, y2) is in continuous pixel
+    coordinates, where pixel i spans [i, i + 1). imshow centres pixel i on the integer i, so
+    its edges are at i - 0.5 and i + 0.5: the rectangle starts at (x1 - 0.5, y1 - 0.5) and is
+    x2 - x1 wide and y2 - y1 high. Anything else drawn in box coordinates shifts by -0.5 too.
+
+    texts: a label per box (fewer: the rest unlabelled). color and linestyle: one for all
+    boxes, or a list with one per box. outline: a black edge around each box, so that it
+    shows on any background.
+    """
+    import matplotlib.patches
+    import matplotlib.patheffects
+    if image is not None:
+        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())  # (3, H, W) -> (H, W, 3)
+        ax.set_axis_off()
+    boxes = boxes.tolist()
+    colors = color if isinstance(color, list) else [color] * len(boxes)
+    linestyles = linestyle if isinstance(linestyle, list) else [linestyle] * len(boxes)
+    for i, ((x1, y1, x2, y2), c, style) in enumerate(zip(boxes, colors, linestyles)):
+        rect = ax.add_patch(matplotlib.patches.Rectangle(
+            (x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=c, linewidth=linewidth,
+            linestyle=style, alpha=alpha))
+        if outline:
+            rect.set_path_effects([matplotlib.patheffects.Stroke(linewidth=linewidth + 1, foreground="black"),
+                                   matplotlib.patheffects.Normal()])
+        if i < len(texts) and texts[i]:
+            ax.text(x1 - 0.5, y1 - 1.5, texts[i], color=text_color, fontsize=fontsize, va="bottom",
+                    bbox=dict(facecolor=c, alpha=0.85, pad=1, edgecolor="none"))
 
 
 def _parser() -> argparse.ArgumentParser:
