@@ -1463,7 +1463,7 @@ class RegionProposalNetwork(nn.Module):
 # TwoMLPHead, FastRCNNPredictor — box head and predictor
 # RoIHeads — RoI sampling and loss when training, detections when not
 # DetectionTransform, resize_boxes — normalise, resize, pad; boxes back to input pixels
-# FasterRCNN — the whole detector; load_torchvision_state_dict; eval runs the fused copy
+# FasterRCNN — the whole detector; load_torchvision_state_dict; eval runs a folded backbone
 # check_targets — training targets refused with a clear message when malformed
 """Section 04. The second stage (Girshick, 2015; Ren et al., 2015, Sec. 3.2) crops a fixed
 7x7 grid of features for each proposal with RoIAlign (He et al., 2017, Sec. 3), from the
@@ -1787,11 +1787,11 @@ class FasterRCNN(nn.Module):
         model(images)            eval:  list of {"boxes" (D, 4), "scores" (D,), "labels" (D,)} in input pixels
         model(images, targets)   train: {"rpn_objectness", "rpn_box", "roi_classifier", "roi_box"}
 
-    In eval mode the model runs, by default (fused_inference=True), an inference copy of itself
-    with BatchNorm folded into the convolutions and channels_last weights (inference_copy,
+    In eval mode the model runs, by default (fused_inference=True), a copy of its backbone with
+    BatchNorm folded into the convolutions and channels_last weights (inference_backbone,
     Appendix: speed and parity): the same detections within 1e-2 px, faster. model.train()
-    goes back to these modules, the ones that train; fused_inference=False runs them in eval
-    mode too, in torchvision's order of arithmetic.
+    goes back to the backbone that trains; fused_inference=False runs it in eval mode too, in
+    torchvision's order of arithmetic.
     """
 
     def __init__(self, num_classes: int = 91, *, backbone: BackboneWithFPN | None = None,
@@ -1840,13 +1840,13 @@ class FasterRCNN(nn.Module):
             detections_per_img=box_detections_per_img)
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
-        if not self.training and self.fused_inference:
-            return inference_copy(self)(images)  # the same steps, on the fused copy (Appendix)
         if self.training:
             check_targets(images, targets)
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         batch, image_sizes, targets = self.transform(images, targets)          # (N, 3, H, W)
-        features = self.backbone(batch)                                         # P2..P6
+        # in eval mode, by default, the same backbone with BatchNorm folded, channels_last (Appendix)
+        backbone = inference_backbone(self) if not self.training and self.fused_inference else self.backbone
+        features = backbone(batch)                                              # P2..P6
         proposals, _, rpn_losses = self.rpn(batch.shape[-2:], image_sizes, features, targets)
         detections, roi_losses = self.roi_heads(features[:4], proposals, image_sizes, targets)  # P2..P5
         if self.training:
@@ -1854,20 +1854,21 @@ class FasterRCNN(nn.Module):
         return self.transform.postprocess(detections, image_sizes, original_sizes)
 
     def fuse(self) -> "FasterRCNN":
-        """A new inference copy of this model (fused_copy: BatchNorm folded, channels_last, eval
-        mode, no gradients); this model is left as it is. model.eval() already runs one."""
+        """A new, independent inference copy of this model (fused_copy: BatchNorm folded,
+        channels_last, eval mode, no gradients); this model is left as it is. Nothing to call
+        for speed: model.eval() already runs a folded backbone."""
         return fused_copy(self)
 
     def train(self, mode: bool = True) -> "FasterRCNN":
-        """Training or eval mode (eval() calls this too). Either way the cached inference copy
+        """Training or eval mode (eval() calls this too). Either way the cached inference backbone
         is dropped: eval mode builds a fresh one on its first forward."""
-        self.__dict__.pop("_inference_copy", None)
+        self.__dict__.pop("_inference_backbone", None)
         return super().train(mode)
 
     def __getstate__(self) -> dict:
-        """Copies and pickles leave the cached inference copy behind."""
+        """Copies and pickles leave the cached inference backbone behind."""
         state = self.__dict__.copy()
-        state.pop("_inference_copy", None)
+        state.pop("_inference_backbone", None)
         return state
 
     def load_torchvision_state_dict(self, state_dict: dict) -> "FasterRCNN":
@@ -2126,7 +2127,7 @@ def save_checkpoint(obj: dict, path) -> None:
 
 def load_checkpoint(path, device="cpu"):
     """(model in eval mode, checkpoint dict) from a file that train wrote. In eval mode the model
-    runs its fused inference copy (FasterRCNN, inference_copy): nothing to call for speed."""
+    runs a folded, channels_last backbone (FasterRCNN, inference_backbone): nothing to call for speed."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -2178,8 +2179,8 @@ class TrainingDiverged(RuntimeError):
 @torch.inference_mode()
 def predict_dataset(model: nn.Module, dataset, *, device, batch_size: int = 4, progress: bool = True,
                     desc: str = "evaluate"):
-    """Run the model over a dataset in eval mode (a FasterRCNN then runs its fused inference
-    copy): (predictions, targets), both lists of dicts on the CPU."""
+    """Run the model over a dataset in eval mode (a FasterRCNN then runs its folded,
+    channels_last backbone): (predictions, targets), both lists of dicts on the CPU."""
     model.eval()
     loader = make_data_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     predictions, targets = [], []
@@ -2890,7 +2891,9 @@ def average_precision(predictions, targets, *, class_names=None, return_details=
 # =============================================================================================
 # batched_nms_by_category — torchvision's batched_nms above 1000 boxes (batched_nms calls it)
 # roi_align_fast — roi_align for all RoIs at once (MultiScaleRoIAlign calls it)
-# fused_copy, inference_copy — the folded, channels_last copy an eval-mode FasterRCNN runs
+# folded_backbone, inference_backbone — the folded, channels_last backbone an eval-mode
+#     FasterRCNN runs (FasterRCNN.forward calls inference_backbone)
+# fused_copy — a whole inference copy of a FasterRCNN (FasterRCNN.fuse)
 """Appendix. Code that exists only to be fast, or only to agree with torchvision to the last
 bit where the readable versions above would agree to a rounding error or up to the order of
 exactly equal scores. Each piece is reached through one name, called from one place, and
@@ -3000,39 +3003,48 @@ def roi_align_fast(input: Tensor, boxes, output_size, spatial_scale: float = 1.0
     return out
 
 
-def fused_copy(model: "FasterRCNN") -> "FasterRCNN":
-    """An inference copy of a FasterRCNN: BatchNorm folded into the convolutions
-    (ResNet.fold_batchnorm), weights in channels_last (so every feature map is too: the
-    layout the CPU's convolutions and roi_align_fast's gathers run fastest in), eval mode,
-    no gradients. The model is left as it is. Detections equal the model's within 1e-2 px:
-    folding and the layout reorder float sums.
-    """
+def folded_backbone(backbone: BackboneWithFPN) -> BackboneWithFPN:
+    """An inference copy of a backbone: BatchNorm folded into the convolutions
+    (ResNet.fold_batchnorm), weights in channels_last (so every feature map is too: the layout
+    the CPU's convolutions and roi_align_fast's gathers run fastest in), eval mode, no
+    gradients. Features equal the backbone's up to float rounding: folding and the layout
+    reorder sums (detections move by less than 1e-2 px)."""
     from copy import deepcopy
     with torch.inference_mode(False):  # real tensors, even when first called under inference_mode
-        fused = deepcopy(model).eval().requires_grad_(False)
-        fused.fused_inference = False  # the copy runs its own modules
-        fused.backbone.body.fold_batchnorm()
-        return fused.to(memory_format=torch.channels_last)
+        folded = deepcopy(backbone).eval().requires_grad_(False)
+        folded.body.fold_batchnorm()
+        return folded.to(memory_format=torch.channels_last)
 
 
-def _weights_key(model: nn.Module) -> tuple:
+def _weights_key(module: nn.Module) -> tuple:
     """Changes whenever a weight does: in place (an optimiser step, load_state_dict, any `x.mul_`
     under no_grad bumps a tensor's version), or replaced (.to(), a new device or dtype)."""
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in (*model.parameters(), *model.buffers()))
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in (*module.parameters(), *module.buffers()))
 
 
-def inference_copy(model: "FasterRCNN") -> "FasterRCNN":
-    """The fused_copy that an eval-mode FasterRCNN runs, cached on the model: built on first
-    use after model.eval(), rebuilt when a weight changed since (see _weights_key), dropped by
-    model.train() (FasterRCNN.train). Weights changed through `.data` are invisible to it:
-    call model.eval() again after such a change."""
-    key = _weights_key(model)
-    cached = model.__dict__.get("_inference_copy")
+def inference_backbone(model: "FasterRCNN") -> BackboneWithFPN:
+    """The folded_backbone that an eval-mode FasterRCNN runs, cached on the model: built on first
+    use after model.eval(), rebuilt when a backbone weight changed since (see _weights_key),
+    dropped by model.train() (FasterRCNN.train). The rest of the model (transform, RPN, RoI
+    heads and their settings) is the model's own. Weights changed through `.data` are
+    invisible here: call model.eval() again after such a change."""
+    key = _weights_key(model.backbone)
+    cached = model.__dict__.get("_inference_backbone")
     if cached is None or cached[0] != key:
-        model.__dict__.pop("_inference_copy", None)  # free the stale copy before building the new one
-        model.__dict__["_inference_copy"] = cached = (key, fused_copy(model))
+        model.__dict__.pop("_inference_backbone", None)  # free the stale copy before building the new one
+        model.__dict__["_inference_backbone"] = cached = (key, folded_backbone(model.backbone))
     return cached[1]
 
+
+def fused_copy(model: "FasterRCNN") -> "FasterRCNN":
+    """A whole, independent inference copy of a FasterRCNN (FasterRCNN.fuse): its backbone
+    folded (folded_backbone), every weight channels_last, eval mode, no gradients."""
+    from copy import deepcopy
+    with torch.inference_mode(False):
+        fused = deepcopy(model).eval().requires_grad_(False)
+        fused.fused_inference = False  # its backbone is folded already
+        fused.backbone.body.fold_batchnorm()
+        return fused.to(memory_format=torch.channels_last)
 
 
 # =============================================================================================

@@ -165,34 +165,38 @@ def small_detector(norm_layer=nn.BatchNorm2d, **kwargs):
 
 
 def test_eval_mode_runs_the_fused_copy_by_default(detector):
-    """The default eval path is the fused copy: the plain path's detections within 1e-2 px, the
-    copy built once and reused, rebuilt when a weight changes."""
+    """The default eval path runs a folded, channels_last backbone: the plain path's detections
+    within 1e-2 px; the backbone built once and reused, rebuilt when a weight changes; the
+    model's settings apply."""
     model = fc.FasterRCNN(91, min_size=320, max_size=512).eval()
     model.load_state_dict(detector.state_dict())
     images = [fc.sample_photo()]
     with torch.inference_mode():
         got, expected = model(images), detector(images)
-        copy = fc.inference_copy(model)
-        assert fc.inference_copy(model) is copy                     # cached
-        assert not any(isinstance(m, fc.FrozenBatchNorm2d) for m in copy.modules())
-        assert copy.backbone.body.layer2[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+        backbone = fc.inference_backbone(model)
+        assert fc.inference_backbone(model) is backbone             # cached
+        assert not any(isinstance(m, fc.FrozenBatchNorm2d) for m in backbone.modules())
+        assert backbone.body.layer2[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
     for det, ref in zip(got, expected):
         assert len(ref["boxes"]) > 0 and len(det["boxes"]) == len(ref["boxes"])
         assert torch.equal(det["labels"], ref["labels"])
         torch.testing.assert_close(det["scores"], ref["scores"], atol=1e-4, rtol=0)
         torch.testing.assert_close(det["boxes"], ref["boxes"], atol=1e-2, rtol=0)  # px
     assert isinstance(model.backbone.body.layer1[0].bn1, fc.FrozenBatchNorm2d)  # the model's own modules stay
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.bias[1] -= 20.0     # a weight changes in place
+    model.roi_heads.score_thresh = 0.99                             # settings are the model's own
     with torch.inference_mode():
-        assert fc.inference_copy(model) is not copy                 # rebuilt
-        assert all(len(det["boxes"]) == 0 or (det["labels"] != 1).all() for det in model(images))
-    assert "_inference_copy" not in copy_of_state(model)
+        assert all((det["scores"] > 0.99).all() for det in model(images))
+    with torch.no_grad():
+        model.backbone.fpn.output[0].bias += 1.0                     # a weight changes in place
+    with torch.inference_mode():
+        assert fc.inference_backbone(model) is not backbone          # rebuilt
+        torch.testing.assert_close(fc.inference_backbone(model).fpn.output[0].bias, model.backbone.fpn.output[0].bias)
+    assert "_inference_backbone" in model.__dict__ and "_inference_backbone" not in copy_of_state(model)
 
 
 def copy_of_state(model):
     from copy import deepcopy
-    return deepcopy(model).__dict__  # copies leave the cached inference copy behind
+    return deepcopy(model).__dict__  # copies leave the cached inference backbone behind
 
 
 def test_train_after_eval_trains_the_real_modules():
@@ -208,7 +212,7 @@ def test_train_after_eval_trains_the_real_modules():
         model(images)
     model.train()
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert bns and all(m.training for m in bns) and "_inference_copy" not in model.__dict__
+    assert bns and all(m.training for m in bns) and "_inference_backbone" not in model.__dict__
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     losses = model(images, targets)
