@@ -14,8 +14,8 @@ What it measures, and how:
   (x0.02 box head, x0.1 RPN) and one class's bias is raised, so that the models detect
   something and the outputs can be compared.
 - Variants. "torchvision"; "ours": the default path, what fc.FasterRCNN runs with nothing
-  called for speed: for inference the model in eval mode, which runs its fused copy
-  (BatchNorm folded into the convolutions, channels_last), for training the model in
+  called for speed: for inference the model in eval mode, which runs a folded copy of its
+  backbone (BatchNorm folded into the convolutions, channels_last), for training the model in
   channels_last, as fc.train puts it (TrainConfig.channels_last); "ours plain": the readable
   path, in torchvision's order of arithmetic: for inference fused_inference=False, for
   training the model as built.
@@ -120,7 +120,7 @@ def set_min_size(model, size: int) -> None:
 
 
 def inference_variants(torchvision_model, ours) -> dict:
-    """ours in eval mode is the default path (its fused copy); the plain path is a second model."""
+    """ours in eval mode is the default path (a folded backbone); the plain path is a second model."""
     from copy import deepcopy
     plain = deepcopy(ours).eval()
     plain.fused_inference = False
@@ -335,8 +335,8 @@ def markdown_report(args, machine, date, peak, inference, training, memory, flop
              f"{'bf16 autocast; ' if args.amp else ''}median of {args.runs} interleaved runs after a warm-up; "
              f"measured {'bf16' if args.amp else 'fp32'} matmul peak {peak:,.0f} GFLOP/s.",
              "",
-             "\"ours\" is the default path: for inference the model in eval mode, which runs its fused copy "
-             "(BatchNorm folded into the convolutions, channels_last), for training the model in channels_last "
+             "\"ours\" is the default path: for inference the model in eval mode, which runs a folded copy of "
+             "its backbone (BatchNorm folded into the convolutions, channels_last), for training the model in channels_last "
              "as `fc.train` puts it. \"ours plain\" is the readable path in torchvision's order of arithmetic "
              "(`fused_inference=False`; the model as built for training).",
              "",
