@@ -3018,8 +3018,10 @@ def folded_backbone(backbone: BackboneWithFPN) -> BackboneWithFPN:
 
 def _weights_key(module: nn.Module) -> tuple:
     """Changes whenever a weight does: in place (an optimiser step, load_state_dict, any `x.mul_`
-    under no_grad bumps a tensor's version), or replaced (.to(), a new device or dtype)."""
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in (*module.parameters(), *module.buffers()))
+    under no_grad bumps a tensor's version), or replaced (.to(), a new device or dtype). Tensors
+    made under torch.inference_mode keep no version: only their replacement counts."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype)
+                 for t in (*module.parameters(), *module.buffers()))
 
 
 def inference_backbone(model: "FasterRCNN") -> BackboneWithFPN:
