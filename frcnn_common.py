@@ -1,14 +1,16 @@
 """Faster R-CNN from scratch: the code that the notebooks explain.
 
-One section per notebook, in notebook order:
+One section per notebook, in notebook order, then the appendix and the command line; each
+opens with a banner (these lines, word for word) and an index of the names it defines:
 
-    01 data        embedded dataset, COCO / VOC readers, your own data and check-data, transforms, batching
-    02 backbone    Bottleneck, ResNet50, FPN
-    03 rpn         anchors, box coding, matching, sampling, RPN head and loss, NMS, proposals
-    04 roi heads   RoIAlign, level mapping, box head, predictor, RoI sampling and loss, FasterRCNN
-    05 training    profiles, training loop, checkpoints, transfer (init), DDP
-    06 inference   detection, COCO evaluation (pycocotools and from scratch), prediction
-    CLI            python -m frcnn_common data | train | evaluate | predict | check-data
+    01 data: embedded dataset, COCO / VOC readers, your own data and check-data, transforms, batching
+    02 backbone: Bottleneck, ResNet50, FPN
+    03 rpn: boxes, anchors, box coding, matching, sampling, NMS, the Region Proposal Network
+    04 roi heads: RoIAlign, level mapping, box head, predictor, RoI sampling and loss, FasterRCNN
+    05 training: profiles, the model they build, the training loop, checkpoints, DDP
+    06 evaluation: the COCO detection metric, through pycocotools and from scratch
+    Appendix: speed and parity
+    Prediction, drawing and the CLI: python -m frcnn_common data | train | evaluate | predict | check-data
 
 Conventions, said once:
 - Boxes are (x1, y1, x2, y2) in absolute pixels ("xyxy"), float32.
@@ -48,7 +50,6 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch import Tensor, nn
 from tqdm import tqdm
 
-IMG_SIZE = 400  # the side the notebooks use to show shapes; the detector itself resizes (min_size)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOT = pathlib.Path(__file__).resolve().parent
 
@@ -59,11 +60,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # =============================================================================================
 # 01 data: embedded dataset, COCO / VOC readers, your own data and check-data, transforms, batching
-#   index of your own data (notebook 07): DetectionFiles (the readers' base), coco_files,
-#   voc_xml_files, voc_class_names, split_ids, own_datasets, best_anchor_iou, check_data,
-#   DataReport, check_before_training, DataCheckFailed; GLYPH_CLASSES, draw_glyphs_image,
-#   write_voc_folder, write_coco_folder, build_glyphs_dataset (notebook 07's letters)
 # =============================================================================================
+# SHAPES_CLASSES, build_shapes_dataset — the embedded dataset, written in COCO format
+# load_image — any PNG/JPEG mode -> FloatTensor[3, H, W]; write_atomic — temporary file, then rename
+# DetectionFiles — the readers' base: clip, warn, group by image, ds[i] -> (image, target)
+# CocoDetection, VOCDetection — readers of COCO json / Pascal VOC xml; class_names[0] == "__background__"
+# DatasetError, DatasetWarning — bad input: an error naming the file, or one warning per dataset
+# RandomHorizontalFlip, Compose — transforms of (image, target) pairs
+# collate_fn, make_data_loader — batches are lists: images differ in size
+# coco_files, voc_xml_files, voc_class_names — your own folder, as annotation tools write it (notebook 07)
+# split_ids, own_datasets — a seeded train/val split when the folder has none; both datasets
+# best_anchor_iou, check_data, DataReport — problems with their files; the anchors' best possible recall
+# check_before_training, DataCheckFailed — what train runs first, and what it raises on errors
+# GLYPH_CLASSES, draw_glyphs_image, write_voc_folder, write_coco_folder, build_glyphs_dataset — notebook 07's letters
 """Section 01. Everything a detector eats, in one format.
 
     image   FloatTensor[3, H, W], RGB, values in 0..1 (H, W differ between images)
@@ -76,16 +85,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 A box [x1, y1, x2, y2] covers the pixels with x1 <= col < x2 and y1 <= row < y2, so an object
 that fills a W-pixel-wide image has x1 = 0 and x2 = W, and its width is x2 - x1.
 
-Names:
-    SHAPES_CLASSES, build_shapes_dataset   the embedded dataset, written in COCO format
-    load_image                             any PNG/JPEG mode -> FloatTensor[3, H, W]
-    DetectionFiles                         the readers' base: clip, warn, group, ds[i]
-    CocoDetection, VOCDetection            readers; class_names[0] == "__background__"
-    own_datasets, split_ids                your own COCO / VOC folder, split by seed when it has no splits
-    check_data, best_anchor_iou            problems with their files, and the anchors' best possible recall
-    RandomHorizontalFlip, Compose          transforms on (image, target) pairs
-    collate_fn, make_data_loader           batches are lists: images differ in size
-    DatasetError, DatasetWarning           bad input gets a clear answer
 Resizing and padding to a multiple of 32 happen inside the model (FasterRCNN), so that the
 model works on images of any size and reports boxes in the input image's pixels.
 """
@@ -1267,6 +1266,13 @@ def make_data_loader(dataset, *, batch_size, shuffle, num_workers=None, seed=0, 
 # =============================================================================================
 # 02 backbone: Bottleneck, ResNet50, FPN
 # =============================================================================================
+# Bottleneck — the ResNet block: 1x1, 3x3 (stride), 1x1, plus the shortcut
+# ResNet, ResNet50 — C2..C5; freeze, fold_batchnorm, load_torchvision_state_dict
+# FPN — P2..P6 from C2..C5
+# sample_photo — a real photo (Grace Hopper) to look at features on
+# imagenet_resnet50_state_dict, torchvision_weights — torchvision's published weights, or None
+# FrozenBatchNorm2d, fold_batchnorm — BatchNorm with fixed statistics; folded into a conv
+# BackboneWithFPN, resnet_fpn_backbone — ResNet + FPN, of any depth and width
 """Section 02. ResNet50 (He et al., 2016) turns an image into four feature maps, and the
 Feature Pyramid Network (Lin et al., 2017) gives each of them 256 channels and the
 semantics of the deepest one.
@@ -1529,7 +1535,6 @@ def imagenet_resnet50_state_dict(path: str | os.PathLike | None = None) -> dict 
 def sample_photo() -> Tensor:
     """A real photo (Grace Hopper, 512x600, shipped with matplotlib) as FloatTensor[3, H, W]."""
     import matplotlib.cbook
-    from PIL import Image
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
         rgb = Image.open(f).convert("RGB")
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
@@ -1538,6 +1543,16 @@ def sample_photo() -> Tensor:
 # =============================================================================================
 # 03 rpn: boxes, anchors, box coding, matching, sampling, NMS, the Region Proposal Network
 # =============================================================================================
+# AnchorGenerator — anchors of every level, one size per level, three aspect ratios
+# BoxCoder — box <-> deltas (Eq. 2)
+# Matcher — anchors (or proposals) to ground-truth boxes by IoU
+# box_area, box_iou — areas; IoU of every pair
+# BalancedSampler — positives and negatives, at most a fraction positive
+# RPNHead, flatten_head_outputs — the head's maps, one row per anchor
+# clip_boxes_to_image, remove_small_boxes — proposal clean-up
+# nms — greedy non-maximum suppression, vectorised in blocks
+# batched_nms — NMS within each category, by coordinate offsets
+# RegionProposalNetwork — anchors + head + proposal selection + loss
 """Section 03. The Region Proposal Network (Ren et al., 2015, Sec. 3.1) slides a small head
 over every pyramid level and, at each location, scores A anchors for "object or not" and
 regresses a box from each.
@@ -1549,6 +1564,8 @@ regresses a box from each.
 
 Every op here (box_iou, nms, batched_nms) is written from scratch with the arithmetic of
 torchvision.ops, so results agree to the last bit where the order of operations agrees.
+Above 1000 boxes torchvision's batched_nms changes method; batched_nms follows it there
+through the appendix (batched_nms_by_category).
 """
 
 
@@ -1590,48 +1607,34 @@ def _float32_above(threshold: float) -> float:
     return float(t) if float(t) > threshold else float(np.nextafter(t, np.float32(np.inf)))
 
 
-def _greedy_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, categories: Tensor | None,
-                max_keep: int | None, block: int = 128) -> Tensor:
-    """Greedy NMS over the boxes in score order, `block` boxes at a time (see nms).
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, max_keep: int | None = None,
+        block: int = 128) -> Tensor:
+    """Greedy non-maximum suppression: visit boxes from the highest score down and keep a box
+    unless a box already kept overlaps it with IoU > iou_threshold. Returns the kept indices,
+    by decreasing score (ties: lower index first), as torchvision.ops.nms does; with max_keep,
+    only the first max_keep of them (the same as slicing the full answer, and cheaper).
 
-    Within a block, S[i, j] = "i would suppress j" (i < j, IoU > threshold, same category)
-    and the kept set is the one fixed point of
+    Greedy NMS is sequential, but it need not be a Python loop over boxes. The sorted boxes
+    are settled `block` at a time. Within a block, S[i, j] = "i would suppress j" (i < j,
+    IoU > threshold), and the kept set is the one fixed point of
         keep[j] = alive[j] and not any_i(keep[i] and S[i, j]),
     where alive[j] = "no box kept in an earlier block suppresses j". Iterating that equation
     from keep = alive settles box j one step after every box before it that can suppress it:
-    a handful of vectorised steps per block, not a Python loop over boxes. Boxes are settled
-    in score order, so once max_keep are kept the rest cannot change the answer: stop there.
-    Blocks are small on purpose: every tensor op here stays under ATen's parallel grain
-    (32768 elements), where handing work to a second thread costs more than it saves.
+    a handful of matrix-vector steps per block. Once max_keep boxes are kept, the boxes
+    after them cannot change the answer: stop there.
     """
-    if categories is not None and max_keep is None:
-        # No cut to stop at: each category alone, so that no box is compared with another
-        # category's; then the order one pass over all boxes gives (score, then index).
-        keep = torch.cat([idx[_greedy_nms(boxes[idx], scores[idx], iou_threshold, None, None, block)]
-                          for idx in (torch.where(categories == c)[0] for c in torch.unique(categories))])
-        keep = keep.sort().values
-        return keep[torch.sort(scores[keep], descending=True, stable=True)[1]]
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True)[1]
-    boxes = boxes[order]
-    categories = None if categories is None else categories[order]
+    boxes = boxes[order]                                                      # (B, 4) by score
     threshold = _float32_above(iou_threshold)
-    kept, num_kept = [], 0
+    kept, num_kept = [], 0                 # positions in `boxes` of the kept boxes, block by block
     for start in range(0, len(boxes), block):
-        stop = start + block
-        blk_boxes = boxes[start:stop]                                         # (B, 4)
-        suppresses = box_iou(blk_boxes, blk_boxes) >= threshold               # (B, B)
-        if categories is not None:
-            blk_categories = categories[start:stop]
-            suppresses &= blk_categories[:, None] == blk_categories[None, :]
-        position = torch.arange(len(blk_boxes), device=boxes.device)
-        suppresses &= position[:, None] < position[None, :]                  # only i < j
+        blk_boxes = boxes[start:start + block]                                # (b, 4)
+        suppresses = (box_iou(blk_boxes, blk_boxes) >= threshold).triu_(diagonal=1)  # (b, b), i < j
         alive = torch.ones(len(blk_boxes), dtype=torch.bool, device=boxes.device)
-        # the boxes kept so far, (K,) positions, 192 at a time: (192, B) stays under the grain
-        for prev in (torch.cat(kept).split(192) if kept else []):
-            over = box_iou(boxes[prev], blk_boxes) >= threshold               # (K_b, B)
-            if categories is not None:
-                over &= categories[prev][:, None] == blk_categories[None, :]
-            alive &= ~over.any(dim=0)
+        if kept:
+            alive = ~(box_iou(boxes[torch.cat(kept)], blk_boxes) >= threshold).any(dim=0)  # (K, b) -> (b,)
         keep = alive
         while True:
             new_keep = alive & ~(suppresses & keep[:, None]).any(dim=0)
@@ -1645,62 +1648,26 @@ def _greedy_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, categories:
     return order[torch.cat(kept)[:max_keep]]
 
 
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, max_keep: int | None = None) -> Tensor:
-    """Greedy non-maximum suppression: visit boxes from the highest score down and keep a box
-    unless a box already kept overlaps it with IoU > iou_threshold. Returns the kept indices,
-    by decreasing score (ties: lower index first), as torchvision.ops.nms does; with max_keep,
-    only the first max_keep of them (the same as slicing the full answer, and cheaper).
-
-    Greedy NMS is sequential, but it need not be a Python loop over boxes: _greedy_nms
-    settles blocks of 128 boxes, in score order, with a few matrix-vector steps each.
-    """
-    if boxes.numel() == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    return _greedy_nms(boxes, scores, iou_threshold, None, max_keep)
-
-
-def _offset_route(boxes: Tensor) -> bool:
-    """torchvision.ops.batched_nms's choice of method: offsets up to 1000 boxes on a CPU
-    (4000 numbers), 25000 on a GPU; one NMS with categories above that."""
-    return boxes.numel() <= (4000 if boxes.device.type == "cpu" else 100_000)
-
-
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *,
                 max_keep: int | None = None) -> Tensor:
     """NMS within each category of `idxs` independently (categories never suppress each other);
     kept indices by decreasing score, the first max_keep of them when given.
 
-    Two routes to the same answer, chosen as torchvision.ops.batched_nms chooses, so that
-    the arithmetic (and so every borderline IoU) agrees with it to the bit:
-    - up to 1000 boxes (4000 numbers; 25000 boxes on a GPU): shift each category's boxes to
-      its own region of the plane, by an offset larger than any coordinate, so that boxes of
-      different categories are disjoint and one NMS does all of them;
-    - above that: one NMS over the boxes as they are, where a box only suppresses boxes of
-      its own category; kept boxes of equal score come in torchvision's order.
+    Shift each category's boxes to its own region of the plane, by an offset larger than any
+    coordinate: boxes of different categories are then disjoint, and one nms does all of them.
+
+    Above 1000 boxes (4000 numbers; 25000 boxes on a GPU) torchvision.ops.batched_nms runs
+    each category alone instead, whose float rounding (no offsets) and order of exactly equal
+    scores (an unstable sort) differ; so does this function there, through
+    batched_nms_by_category (Appendix: speed and parity), so that every result agrees with
+    torchvision's to the bit.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if not _offset_route(boxes):
-        # torchvision's route ends by sorting all the kept boxes with an unstable sort, which
-        # puts equal scores in an order of its own (and training samples RoIs by position).
-        # Without equal scores among the boxes that can rank up to our last one, there is
-        # one order and ours is it; with them, the same call on the same whole kept set, in
-        # index order, reproduces torchvision's. Stopping early is worth a try only when
-        # max_keep is a small part of the boxes (the box head's 100 detections): among
-        # thousands of scores some are equal, and the whole set is then needed after all.
-        early = max_keep is not None and 4 * max_keep <= len(boxes)
-        keep = _greedy_nms(boxes, scores, iou_threshold, idxs, max_keep if early else None)
-        if len(keep) == 0:  # max_keep=0
-            return keep
-        contenders = scores[scores >= scores[keep[-1]]]
-        if len(torch.unique(contenders)) < len(contenders):
-            if early and len(keep) == max_keep:  # stopped early: finish the job
-                keep = _greedy_nms(boxes, scores, iou_threshold, idxs, None)
-            keep = keep.sort().values
-            keep = keep[scores[keep].sort(descending=True)[1]]
-        return keep[:max_keep]
-    offsets = idxs.to(boxes) * (boxes.max() + 1)
-    return _greedy_nms(boxes + offsets[:, None], scores, iou_threshold, None, max_keep)
+    if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000):
+        return batched_nms_by_category(boxes, scores, idxs, iou_threshold, max_keep=max_keep)
+    offsets = idxs.to(boxes) * (boxes.max() + 1)                              # (B,)
+    return nms(boxes + offsets[:, None], scores, iou_threshold, max_keep=max_keep)
 
 
 class AnchorGenerator(nn.Module):
@@ -1900,7 +1867,8 @@ class RegionProposalNetwork(nn.Module):
         self.nms_thresh, self.score_thresh, self.min_size = nms_thresh, score_thresh, min_size
 
     def forward(self, batch_shape, image_sizes, features, targets=None):
-        """features P2..P6 -> (proposals: list of (R_i, 4), losses: dict, extras for plots)."""
+        """features P2..P6 -> (proposals: list of (R_i, 4), their objectness probabilities: list of
+        (R_i,), losses: dict, empty unless training)."""
         logits, deltas = self.head(features)
         anchors = self.anchor_generator(batch_shape, features)       # (P, 4), same for all images
         num_per_level = [lg[0].numel() for lg in logits]             # H_l * W_l * A
@@ -1936,23 +1904,10 @@ class RegionProposalNetwork(nn.Module):
             keep = remove_small_boxes(boxes, self.min_size)
             keep = keep[scores_i[keep] >= self.score_thresh]
             boxes, scores_i, lvl = boxes[keep], scores_i[keep], levels[keep]
-            keep = self.nms_per_level(boxes, scores_i, lvl, max_keep=self.post_nms_top_n[self.training])
+            keep = batched_nms(boxes, scores_i, lvl, self.nms_thresh, max_keep=self.post_nms_top_n[self.training])
             out_boxes.append(boxes[keep])
             out_scores.append(scores_i[keep])
         return out_boxes, out_scores
-
-    def nms_per_level(self, boxes: Tensor, scores: Tensor, levels: Tensor, max_keep: int | None = None) -> Tensor:
-        """NMS with the level as category (a box never suppresses one of another level), indices
-        by decreasing score. Only the best max_keep are wanted, and greedy NMS settles boxes in
-        score order, so it can stop once it has them: at test time 1000 of ~4700 candidates.
-
-        Among thousands of sigmoid scores near 1 some are equal to the last bit, and
-        batched_nms then finishes the whole NMS to put them in torchvision's order. Training
-        needs that order (it samples RoIs by position); at test time two proposals of equal
-        score give the same detections in either order, so it stops early regardless."""
-        if self.training or _offset_route(boxes):  # (offsets: no ties to order, no need)
-            return batched_nms(boxes, scores, levels, self.nms_thresh, max_keep=max_keep)
-        return _greedy_nms(boxes, scores, self.nms_thresh, levels, max_keep)
 
     def loss(self, anchors: Tensor, objectness: Tensor, pred_deltas: Tensor, targets) -> dict:
         """Binary cross-entropy on sampled anchors + smooth-L1 (beta 1/9) on the positives,
@@ -1985,6 +1940,13 @@ class RegionProposalNetwork(nn.Module):
 # =============================================================================================
 # 04 roi heads: RoIAlign, level mapping, box head, predictor, RoI sampling and loss, FasterRCNN
 # =============================================================================================
+# roi_align, boxes_to_rois — RoIAlign, one RoI at a time (the fast one: Appendix)
+# MultiScaleRoIAlign — RoIAlign from the level that suits each RoI (map_levels)
+# TwoMLPHead, FastRCNNPredictor — box head and predictor
+# RoIHeads — RoI sampling and loss when training, detections when not
+# DetectionTransform, resize_boxes — normalise, resize, pad; boxes back to input pixels
+# FasterRCNN — the whole detector; load_torchvision_state_dict; eval runs a folded backbone
+# check_targets — training targets refused with a clear message when malformed
 """Section 04. The second stage (Girshick, 2015; Ren et al., 2015, Sec. 3.2) crops a fixed
 7x7 grid of features for each proposal with RoIAlign (He et al., 2017, Sec. 3), from the
 pyramid level that suits its size (Lin et al., 2017, Eq. 1), and classifies and refines it.
@@ -2032,78 +1994,46 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     aligned=True shifts boxes by half a pixel so that a box's corner sits on a pixel's
     corner, not its centre; aligned=False (the Faster R-CNN default) also makes every RoI at
     least 1x1. Returns (R, C, out_h, out_w).
+
+    This is the version to read: one RoI at a time. The model runs roi_align_fast (Appendix:
+    speed and parity), which computes the same numbers for all RoIs at once.
     """
     rois = boxes_to_rois(boxes) if isinstance(boxes, (list, tuple)) else boxes
     out_h, out_w = _pair(output_size)
-    output = input.new_zeros((len(rois), input.shape[1], out_h, out_w))  # RoIs that average nothing: 0
-    for idx, val in _roi_align_pieces(input, rois, (out_h, out_w), spatial_scale, sampling_ratio, aligned):
-        # (r, out_h, out_w, C) -> (r, C, out_h, out_w); out of place, so autograd sees each piece
-        output = output.index_copy(0, idx, val.permute(0, 3, 1, 2))
-    return output
-
-
-def _roi_align_pieces(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
-                      sampling_ratio: int, aligned: bool):
-    """roi_align, a few hundred RoIs at a time: yields (RoI indices (r,), their output
-    (r, out_h, out_w, C)) so that a caller can place each piece where it belongs without
-    holding a second copy of the whole output. RoIs that average nothing (aligned=True and
-    zero size) are not yielded: their output is 0.
-
-    Every output number is a weighted sum of input pixels: out[r, :, i, j] = sum over the
-    bin's samples and each sample's 4 bilinear taps of weight * input[n, :, y, x], with
-    weight = (y weight * x weight) / samples per bin. F.embedding_bag computes exactly such
-    sums (rows of a table, with a weight per row, summed per "bag"), in one fused kernel and
-    without materialising the taps: the table is the channels-last view of the map, one
-    row of C numbers per pixel, and each bin is a bag of samples * 4 rows.
-    """
-    out_h, out_w = output_size
-    num_rois, (n, c, height, width) = rois.shape[0], input.shape
-    if num_rois == 0:
-        return
+    c, height, width = input.shape[1:]
     # the geometry in at least float32: half precision cannot place a sample within a pixel
     rois = rois.to(torch.promote_types(input.dtype, torch.float32))
     offset = 0.5 if aligned else 0.0
-    x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
-    roi_w, roi_h = rois[:, 3] * spatial_scale - offset - x1, rois[:, 4] * spatial_scale - offset - y1
-    if not aligned:
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    bin_w, bin_h = roi_w / out_w, roi_h / out_h
-    if sampling_ratio > 0:
-        grid_h = grid_w = torch.full((num_rois,), sampling_ratio, dtype=torch.int64, device=rois.device)
-    else:
-        grid_h = torch.ceil(roi_h / out_h).to(torch.int64).clamp(min=0)
-        grid_w = torch.ceil(roi_w / out_w).to(torch.int64).clamp(min=0)
-
-    # (N*H*W, C) with rows contiguous: a free view of a channels_last map, else one copy
-    table = input.permute(0, 2, 3, 1).reshape(n * height * width, c).contiguous()
-    # RoIs that share a sample grid are done together: one group when sampling_ratio > 0.
-    grids = torch.stack([grid_h, grid_w], dim=1)
-    for gh, gw in torch.unique(grids, dim=0).tolist():
-        if gh == 0 or gw == 0:
-            continue  # an empty RoI (aligned=True, zero size) averages nothing: 0
-        members = torch.where((grids[:, 0] == gh) & (grids[:, 1] == gw))[0]
-        # about 256k taps at a time: the index tensors stay small, and so does each piece
-        chunk = max(1, (1 << 18) // (out_h * out_w * gh * gw * 4))
-        for idx in members.split(chunk):
-            r = len(idx)
-            # sample coordinates (r, out*g): bin start + (i + 0.5) * bin / g, as torchvision orders it
-            iy = torch.arange(out_h * gh, device=rois.device)
-            ix = torch.arange(out_w * gw, device=rois.device)
-            ys = (y1[idx, None] + (iy // gh) * bin_h[idx, None]) + ((iy % gh) + 0.5).to(rois.dtype) * bin_h[idx, None] / gh
-            xs = (x1[idx, None] + (ix // gw) * bin_w[idx, None]) + ((ix % gw) + 0.5).to(rois.dtype) * bin_w[idx, None] / gw
-            y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(ys, height)   # (r, SY)
-            x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(xs, width)    # (r, SX)
-            # bag layout (r, out_h, out_w, gh, gw, 2 y taps, 2 x taps): one bag per output bin
-            rows = torch.stack([y_lo, y_hi], dim=-1).reshape(r, out_h, 1, gh, 1, 2, 1)
-            cols = torch.stack([x_lo, x_hi], dim=-1).reshape(r, 1, out_w, 1, gw, 1, 2)
-            wy = torch.stack([wy_lo, wy_hi], dim=-1).reshape(r, out_h, 1, gh, 1, 2, 1)
-            wx = torch.stack([wx_lo, wx_hi], dim=-1).reshape(r, 1, out_w, 1, gw, 1, 2)
-            image = rois[idx, 0].to(torch.int64).reshape(r, 1, 1, 1, 1, 1, 1)
-            pixel = (image * height + rows) * width + cols                    # row of `table`
-            weight = wy * wx / (gh * gw)                                       # mean over the bin's samples
-            val = F.embedding_bag(pixel.reshape(r * out_h * out_w, -1), table, mode="sum",
-                                  per_sample_weights=weight.reshape(r * out_h * out_w, -1).to(input.dtype))
-            yield idx, val.reshape(r, out_h, out_w, c)
+    outputs = []
+    for roi in rois:
+        x1, y1, x2, y2 = roi[1:] * spatial_scale - offset       # the box on this map
+        roi_w, roi_h = x2 - x1, y2 - y1
+        if not aligned:
+            roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+        bin_w, bin_h = roi_w / out_w, roi_h / out_h
+        # samples per bin along each axis: fixed, or enough for about one per pixel
+        gh = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(roi_h / out_h)), 0)
+        gw = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(roi_w / out_w)), 0)
+        if gh == 0 or gw == 0:  # an empty RoI (aligned=True, zero size) averages nothing: 0
+            outputs.append(input.new_zeros((c, out_h, out_w)))
+            continue
+        # sample coordinates: bin start + (i + 0.5) * bin / g, (out_h*gh,) and (out_w*gw,)
+        iy, ix = torch.arange(out_h * gh, device=rois.device), torch.arange(out_w * gw, device=rois.device)
+        ys = (y1 + (iy // gh) * bin_h) + ((iy % gh) + 0.5) * bin_h / gh
+        xs = (x1 + (ix // gw) * bin_w) + ((ix % gw) + 0.5) * bin_w / gw
+        y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(ys, height)
+        x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(xs, width)
+        feature = input[int(roi[0])]                             # (C, H, W)
+        # bilinear interpolation at every sample: its four pixels, weighted, (C, SY, SX)
+        samples = (feature[:, y_lo][:, :, x_lo] * (wy_lo[:, None] * wx_lo[None, :])
+                   + feature[:, y_lo][:, :, x_hi] * (wy_lo[:, None] * wx_hi[None, :])
+                   + feature[:, y_hi][:, :, x_lo] * (wy_hi[:, None] * wx_lo[None, :])
+                   + feature[:, y_hi][:, :, x_hi] * (wy_hi[:, None] * wx_hi[None, :]))
+        # each bin averages its gh x gw samples: (C, out_h*gh, out_w*gw) -> (C, out_h, out_w)
+        outputs.append(samples.reshape(c, out_h, gh, out_w, gw).mean(dim=(2, 4)).to(input.dtype))
+    if not outputs:
+        return input.new_zeros((0, c, out_h, out_w))
+    return torch.stack(outputs)
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -2145,10 +2075,9 @@ class MultiScaleRoIAlign(nn.Module):
         out = features[0].new_empty((len(rois), c, out_h, out_w))  # every RoI has a level: all written
         for level, (feature, scale) in enumerate(zip(features, scales)):
             level_idx = torch.where(levels == level)[0]
-            # piece by piece, straight into `out`: (r, 7, 7, C) -> (r, C, 7, 7)
-            for idx, val in _roi_align_pieces(feature, rois[level_idx], (out_h, out_w), scale,
-                                              self.sampling_ratio, False):
-                out[level_idx[idx]] = val.permute(0, 3, 1, 2)
+            # roi_align's numbers, all RoIs at once (Appendix), written straight into their rows of `out`
+            roi_align_fast(feature, rois[level_idx], (out_h, out_w), scale, self.sampling_ratio,
+                           out=out, out_rows=level_idx)
         return out
 
 
@@ -2339,6 +2268,12 @@ class FasterRCNN(nn.Module):
 
         model(images)            eval:  list of {"boxes" (D, 4), "scores" (D,), "labels" (D,)} in input pixels
         model(images, targets)   train: {"rpn_objectness", "rpn_box", "roi_classifier", "roi_box"}
+
+    In eval mode the model runs, by default (fused_inference=True), a copy of its backbone with
+    BatchNorm folded into the convolutions and channels_last weights (inference_backbone,
+    Appendix: speed and parity): the same detections within 1e-2 px, faster. model.train()
+    goes back to the backbone that trains; fused_inference=False runs it in eval mode too, in
+    torchvision's order of arithmetic.
     """
 
     def __init__(self, num_classes: int = 91, *, backbone: BackboneWithFPN | None = None,
@@ -2356,8 +2291,11 @@ class FasterRCNN(nn.Module):
                  box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
                  box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
                  box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
-                 bbox_reg_weights=(10.0, 10.0, 5.0, 5.0)):
+                 bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+                 # inference: run the folded, channels_last copy in eval mode (see above)
+                 fused_inference: bool = True):
         super().__init__()
+        self.fused_inference = fused_inference
         if backbone is None:
             backbone = resnet_fpn_backbone()
             backbone.body.freeze(3)  # as torchvision with pretrained weights: stem and layer1 frozen
@@ -2388,7 +2326,9 @@ class FasterRCNN(nn.Module):
             check_targets(images, targets)
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         batch, image_sizes, targets = self.transform(images, targets)          # (N, 3, H, W)
-        features = self.backbone(batch)                                         # P2..P6
+        # in eval mode, by default, the same backbone with BatchNorm folded, channels_last (Appendix)
+        backbone = inference_backbone(self) if not self.training and self.fused_inference else self.backbone
+        features = backbone(batch)                                              # P2..P6
         proposals, _, rpn_losses = self.rpn(batch.shape[-2:], image_sizes, features, targets)
         detections, roi_losses = self.roi_heads(features[:4], proposals, image_sizes, targets)  # P2..P5
         if self.training:
@@ -2396,17 +2336,22 @@ class FasterRCNN(nn.Module):
         return self.transform.postprocess(detections, image_sizes, original_sizes)
 
     def fuse(self) -> "FasterRCNN":
-        """An inference copy of this model, the one `predict` and `evaluate` should run:
-        BatchNorm folded into the convolutions (ResNet.fold_batchnorm), weights in
-        channels_last (so every feature map is too: the layout the CPU's convolutions and
-        roi_align's gathers run fastest in), eval mode, no gradients. This model is left as
-        it is. Detections equal this model's within 1e-2 px: folding and the layout
-        reorder float sums. Call it under torch.inference_mode() for the full speed.
-        """
-        from copy import deepcopy
-        fused = deepcopy(self).eval().requires_grad_(False)
-        fused.backbone.body.fold_batchnorm()
-        return fused.to(memory_format=torch.channels_last)
+        """A new, independent inference copy of this model (fused_copy: BatchNorm folded,
+        channels_last, eval mode, no gradients); this model is left as it is. Nothing to call
+        for speed: model.eval() already runs a folded backbone."""
+        return fused_copy(self)
+
+    def train(self, mode: bool = True) -> "FasterRCNN":
+        """Training or eval mode (eval() calls this too). Either way the cached inference backbone
+        is dropped: eval mode builds a fresh one on its first forward."""
+        self.__dict__.pop("_inference_backbone", None)
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the cached inference backbone behind."""
+        state = self.__dict__.copy()
+        state.pop("_inference_backbone", None)
+        return state
 
     def load_torchvision_state_dict(self, state_dict: dict) -> "FasterRCNN":
         """Load torchvision's fasterrcnn_resnet50_fpn weights (strictly: every key used)."""
@@ -2455,6 +2400,18 @@ def check_targets(images: list[Tensor], targets) -> None:
 # =============================================================================================
 # 05 training: profiles, the model they build, the training loop, checkpoints, DDP
 # =============================================================================================
+# TrainConfig, PROFILES — every setting of a run; smoke, cpu, full
+# make_datasets, subset — train and validation sets of a config
+# build_model — the FasterRCNN a config describes
+# trainable_targets — crowd regions and 'difficult' objects kept for evaluation, out of the loss
+# train_one_epoch — the loop: forward, guard, backward, clip, step
+# train, train_in_processes — the whole run (setup_run, epoch_loader, train_one_epoch,
+#     end_epoch); the CPU launcher
+# lr_factor, make_optimizer — schedule and optimiser
+# init_from_checkpoint, freeze_backbone — transfer learning: train --init, --freeze-backbone-epochs
+# load_checkpoint, save_checkpoint — a trained model back, in eval mode; atomic writes
+# predict_dataset, evaluate_model — detections and COCO metrics over a dataset
+# torchvision_detector_state_dict, COCO_CLASSES — torchvision's COCO weights and labels
 """Section 05. One commented dataclass holds every setting of a run; three profiles fill it:
 
     smoke   seconds on a CPU: for tests
@@ -2652,7 +2609,8 @@ def save_checkpoint(obj: dict, path) -> None:
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model in eval mode, checkpoint dict) from a file that train wrote."""
+    """(model in eval mode, checkpoint dict) from a file that train wrote. In eval mode the model
+    runs a folded, channels_last backbone (FasterRCNN, inference_backbone): nothing to call for speed."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -2704,7 +2662,8 @@ class TrainingDiverged(RuntimeError):
 @torch.inference_mode()
 def predict_dataset(model: nn.Module, dataset, *, device, batch_size: int = 4, progress: bool = True,
                     desc: str = "evaluate"):
-    """Run the model over a dataset: (predictions, targets), both lists of dicts on the CPU."""
+    """Run the model over a dataset in eval mode (a FasterRCNN then runs its folded,
+    channels_last backbone): (predictions, targets), both lists of dicts on the CPU."""
     model.eval()
     loader = make_data_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     predictions, targets = [], []
@@ -3094,6 +3053,11 @@ def _cpu_process_main(rank: int, env: dict, threads: int, cfg: TrainConfig, devi
 # =============================================================================================
 # 06 evaluation: the COCO detection metric, through pycocotools and from scratch
 # =============================================================================================
+# coco_evaluate — COCO metrics through pycocotools
+# average_precision — the same metric from scratch, with numpy
+# COCO_METRIC_KEYS, COCO_RECALL_THRESHOLDS, COCO_IOU_THRESHOLDS, COCO_AREA_RANGES,
+#     COCO_MAX_DETS — COCOeval's parameters
+# save_coco_results, to_coco_results — detections as a COCO results file
 """Section 06, evaluation. The COCO detection metric (Lin et al., 2014, "Microsoft COCO:
 Common Objects in Context"; the rules are those of cocodataset.org/#detection-eval and of
 pycocotools' COCOeval), computed twice: `coco_evaluate` asks the official pycocotools,
@@ -3491,8 +3455,174 @@ def average_precision(predictions, targets, *, class_names=None, return_details=
 
 
 # =============================================================================================
-# CLI: python -m frcnn_common data | train | evaluate | predict | check-data
+# Appendix: speed and parity
 # =============================================================================================
+# batched_nms_by_category — torchvision's batched_nms above 1000 boxes (batched_nms calls it)
+# roi_align_fast — roi_align for all RoIs at once (MultiScaleRoIAlign calls it)
+# folded_backbone, inference_backbone — the folded, channels_last backbone an eval-mode
+#     FasterRCNN runs (FasterRCNN.forward calls inference_backbone)
+# fused_copy — a whole inference copy of a FasterRCNN (FasterRCNN.fuse)
+"""Appendix. Code that exists only to be fast, or only to agree with torchvision to the last
+bit where the readable versions above would agree to a rounding error or up to the order of
+exactly equal scores. Each piece is reached through one name, called from one place, and
+tested equal to the version a notebook explains (tests/test_speed_paths.py).
+"""
+
+
+def batched_nms_by_category(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *,
+                            max_keep: int | None = None) -> Tensor:
+    """batched_nms the way torchvision.ops.batched_nms does it above 1000 boxes on a CPU: nms
+    on each category's boxes as they are (no offsets, so every IoU is rounded as torchvision
+    rounds it), then all kept boxes, in index order, sorted by score with torchvision's
+    unstable sort, which puts exactly equal scores in an order of its own. Training samples
+    RoIs by position, so the order matters for parity of the losses.
+
+    With max_keep each category stops at its best max_keep boxes. Without equal scores among
+    the boxes that can rank up to the last one kept, there is one order, (score, index), and
+    it is torchvision's; with them, the whole kept set is needed after all, to sort it as
+    torchvision does.
+    """
+    def kept_in_index_order(limit):  # -> (kept indices, sorted; whether every category ran to the end)
+        per_category = [idx[nms(boxes[idx], scores[idx], iou_threshold, max_keep=limit)]
+                        for idx in (torch.where(idxs == c)[0] for c in torch.unique(idxs))]
+        complete = limit is None or all(len(k) < limit for k in per_category)
+        return torch.cat(per_category).sort().values, complete
+
+    if max_keep == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    keep, complete = kept_in_index_order(max_keep)
+    if not complete:
+        keep = keep[torch.sort(scores[keep], descending=True, stable=True)[1]][:max_keep]
+        contenders = scores[scores >= scores[keep[-1]]]
+        if len(torch.unique(contenders)) == len(contenders):
+            return keep
+        keep, _ = kept_in_index_order(None)
+    return keep[scores[keep].sort(descending=True)[1]][:max_keep]  # torchvision's call, unstable
+
+
+def roi_align_fast(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                   aligned: bool = False, *, out: Tensor | None = None, out_rows: Tensor | None = None) -> Tensor:
+    """roi_align's numbers (same arguments), for all RoIs at once, a few hundred at a time.
+
+    out, out_rows: write RoI i's output into out[out_rows[i]] and return `out` (so that
+    MultiScaleRoIAlign fills one tensor for all levels without a second copy of it); rows of
+    RoIs that average nothing (aligned=True and zero size) are set to 0.
+
+    Every output number is a weighted sum of input pixels: out[r, :, i, j] = sum over the
+    bin's samples and each sample's 4 bilinear taps of weight * input[n, :, y, x], with
+    weight = (y weight * x weight) / samples per bin. F.embedding_bag computes exactly such
+    sums (rows of a table, with a weight per row, summed per "bag"), in one fused kernel and
+    without materialising the taps: the table is the channels-last view of the map, one
+    row of C numbers per pixel, and each bin is a bag of samples * 4 rows.
+    """
+    rois = boxes_to_rois(boxes) if isinstance(boxes, (list, tuple)) else boxes
+    out_h, out_w = _pair(output_size)
+    num_rois, (n, c, height, width) = rois.shape[0], input.shape
+    if out is None:
+        out = input.new_zeros((num_rois, c, out_h, out_w))
+        out_rows = torch.arange(num_rois, device=input.device)
+    if num_rois == 0:
+        return out
+    # the geometry in at least float32: half precision cannot place a sample within a pixel
+    rois = rois.to(torch.promote_types(input.dtype, torch.float32))
+    offset = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    roi_w, roi_h = rois[:, 3] * spatial_scale - offset - x1, rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / out_w, roi_h / out_h
+    if sampling_ratio > 0:
+        grid_h = grid_w = torch.full((num_rois,), sampling_ratio, dtype=torch.int64, device=rois.device)
+    else:
+        grid_h = torch.ceil(roi_h / out_h).to(torch.int64).clamp(min=0)
+        grid_w = torch.ceil(roi_w / out_w).to(torch.int64).clamp(min=0)
+
+    # (N*H*W, C) with rows contiguous: a free view of a channels_last map, else one copy
+    table = input.permute(0, 2, 3, 1).reshape(n * height * width, c).contiguous()
+    # RoIs that share a sample grid are done together: one group when sampling_ratio > 0.
+    grids = torch.stack([grid_h, grid_w], dim=1)
+    for gh, gw in torch.unique(grids, dim=0).tolist():
+        members = torch.where((grids[:, 0] == gh) & (grids[:, 1] == gw))[0]
+        if gh == 0 or gw == 0:  # an empty RoI (aligned=True, zero size) averages nothing: 0
+            out[out_rows[members]] = 0
+            continue
+        # about 256k taps at a time: the index tensors stay small, and so does each piece
+        chunk = max(1, (1 << 18) // (out_h * out_w * gh * gw * 4))
+        for idx in members.split(chunk):
+            r = len(idx)
+            # sample coordinates (r, out*g): bin start + (i + 0.5) * bin / g, as torchvision orders it
+            iy = torch.arange(out_h * gh, device=rois.device)
+            ix = torch.arange(out_w * gw, device=rois.device)
+            ys = (y1[idx, None] + (iy // gh) * bin_h[idx, None]) + ((iy % gh) + 0.5).to(rois.dtype) * bin_h[idx, None] / gh
+            xs = (x1[idx, None] + (ix // gw) * bin_w[idx, None]) + ((ix % gw) + 0.5).to(rois.dtype) * bin_w[idx, None] / gw
+            y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(ys, height)   # (r, SY)
+            x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(xs, width)    # (r, SX)
+            # bag layout (r, out_h, out_w, gh, gw, 2 y taps, 2 x taps): one bag per output bin
+            rows = torch.stack([y_lo, y_hi], dim=-1).reshape(r, out_h, 1, gh, 1, 2, 1)
+            cols = torch.stack([x_lo, x_hi], dim=-1).reshape(r, 1, out_w, 1, gw, 1, 2)
+            wy = torch.stack([wy_lo, wy_hi], dim=-1).reshape(r, out_h, 1, gh, 1, 2, 1)
+            wx = torch.stack([wx_lo, wx_hi], dim=-1).reshape(r, 1, out_w, 1, gw, 1, 2)
+            image = rois[idx, 0].to(torch.int64).reshape(r, 1, 1, 1, 1, 1, 1)
+            pixel = (image * height + rows) * width + cols                    # row of `table`
+            weight = wy * wx / (gh * gw)                                       # mean over the bin's samples
+            val = F.embedding_bag(pixel.reshape(r * out_h * out_w, -1), table, mode="sum",
+                                  per_sample_weights=weight.reshape(r * out_h * out_w, -1).to(input.dtype))
+            out[out_rows[idx]] = val.reshape(r, out_h, out_w, c).permute(0, 3, 1, 2)  # (r, C, out_h, out_w)
+    return out
+
+
+def folded_backbone(backbone: BackboneWithFPN) -> BackboneWithFPN:
+    """An inference copy of a backbone: BatchNorm folded into the convolutions
+    (ResNet.fold_batchnorm), weights in channels_last (so every feature map is too: the layout
+    the CPU's convolutions and roi_align_fast's gathers run fastest in), eval mode, no
+    gradients. Features equal the backbone's up to float rounding: folding and the layout
+    reorder sums (detections move by less than 1e-2 px)."""
+    from copy import deepcopy
+    with torch.inference_mode(False):  # real tensors, even when first called under inference_mode
+        folded = deepcopy(backbone).eval().requires_grad_(False)
+        folded.body.fold_batchnorm()
+        return folded.to(memory_format=torch.channels_last)
+
+
+def _weights_key(module: nn.Module) -> tuple:
+    """Changes whenever a weight does: in place (an optimiser step, load_state_dict, any `x.mul_`
+    under no_grad bumps a tensor's version), or replaced (.to(), a new device or dtype). Tensors
+    made under torch.inference_mode keep no version: only their replacement counts."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype)
+                 for t in (*module.parameters(), *module.buffers()))
+
+
+def inference_backbone(model: "FasterRCNN") -> BackboneWithFPN:
+    """The folded_backbone that an eval-mode FasterRCNN runs, cached on the model: built on first
+    use after model.eval(), rebuilt when a backbone weight changed since (see _weights_key),
+    dropped by model.train() (FasterRCNN.train). The rest of the model (transform, RPN, RoI
+    heads and their settings) is the model's own. Weights changed through `.data` are
+    invisible here: call model.eval() again after such a change."""
+    key = _weights_key(model.backbone)
+    cached = model.__dict__.get("_inference_backbone")
+    if cached is None or cached[0] != key:
+        model.__dict__.pop("_inference_backbone", None)  # free the stale copy before building the new one
+        model.__dict__["_inference_backbone"] = cached = (key, folded_backbone(model.backbone))
+    return cached[1]
+
+
+def fused_copy(model: "FasterRCNN") -> "FasterRCNN":
+    """A whole, independent inference copy of a FasterRCNN (FasterRCNN.fuse): its backbone
+    folded (folded_backbone), every weight channels_last, eval mode, no gradients."""
+    from copy import deepcopy
+    with torch.inference_mode(False):
+        fused = deepcopy(model).eval().requires_grad_(False)
+        fused.fused_inference = False  # its backbone is folded already
+        fused.backbone.body.fold_batchnorm()
+        return fused.to(memory_format=torch.channels_last)
+
+
+# =============================================================================================
+# Prediction, drawing and the CLI: python -m frcnn_common data | train | evaluate | predict | check-data
+# =============================================================================================
+# draw_boxes — an image and its xyxy boxes on a matplotlib axis, boxes on pixel edges
+# predict_images — detections on image files, drawn and written as json
+# main — python -m frcnn_common data | train | evaluate | predict
 
 def predict_images(model: nn.Module, paths, *, out_dir, class_names, device, score_thresh: float = 0.5,
                    progress: bool = True) -> list[dict]:
@@ -3522,16 +3652,39 @@ def predict_images(model: nn.Module, paths, *, out_dir, class_names, device, sco
     return results
 
 
-def draw_boxes(ax, image: Tensor, boxes: Tensor, texts=(), *, color="lime", linewidth=2.0) -> None:
-    """Show image (3, H, W) on a matplotlib axis with xyxy boxes and an optional text each."""
-    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())
-    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
-        ax.add_patch(__import__("matplotlib.patches", fromlist=["Rectangle"]).Rectangle(
-            (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth))
-        if i < len(texts):
-            ax.text(x1, y1, texts[i], color="black", fontsize=8, va="bottom",
-                    bbox=dict(facecolor=color, alpha=0.8, pad=1, edgecolor="none"))
-    ax.set_axis_off()
+def draw_boxes(ax, image: Tensor | None, boxes: Tensor, texts=(), *, color="lime", linewidth: float = 2.0,
+               linestyle="-", alpha: float = 1.0, text_color="black", fontsize: float = 8,
+               outline: bool = False) -> None:
+    """Draw xyxy boxes on a matplotlib axis: over `image` (3, H, W) in 0..1 when given (shown
+    with imshow, axis off), else over what the axis shows, drawn with imshow's default extent.
+
+    The pixel-edge convention of notebook 01: a box (x1, y1, x2, y2) is in continuous pixel
+    coordinates, where pixel i spans [i, i + 1). imshow centres pixel i on the integer i, so
+    its edges are at i - 0.5 and i + 0.5: the rectangle starts at (x1 - 0.5, y1 - 0.5) and is
+    x2 - x1 wide and y2 - y1 high. Anything else drawn in box coordinates shifts by -0.5 too.
+
+    texts: a label per box (fewer: the rest unlabelled). color and linestyle: one for all
+    boxes, or a list with one per box. outline: a black edge around each box, so that it
+    shows on any background.
+    """
+    import matplotlib.patches
+    import matplotlib.patheffects
+    if image is not None:
+        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())  # (3, H, W) -> (H, W, 3)
+        ax.set_axis_off()
+    boxes = boxes.tolist()
+    colors = color if isinstance(color, list) else [color] * len(boxes)
+    linestyles = linestyle if isinstance(linestyle, list) else [linestyle] * len(boxes)
+    for i, ((x1, y1, x2, y2), c, style) in enumerate(zip(boxes, colors, linestyles)):
+        rect = ax.add_patch(matplotlib.patches.Rectangle(
+            (x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=c, linewidth=linewidth,
+            linestyle=style, alpha=alpha))
+        if outline:
+            rect.set_path_effects([matplotlib.patheffects.Stroke(linewidth=linewidth + 1, foreground="black"),
+                                   matplotlib.patheffects.Normal()])
+        if i < len(texts) and texts[i]:
+            ax.text(x1 - 0.5, y1 - 1.5, texts[i], color=text_color, fontsize=fontsize, va="bottom",
+                    bbox=dict(facecolor=c, alpha=0.85, pad=1, edgecolor="none"))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ side by side, with the same weights and the same inputs.
     python bench/benchmark.py                      # 400 and 800 px, 5 runs, CPU
     python bench/benchmark.py --quick              # a smoke pass: one small size, 2 runs
     python bench/benchmark.py --device cuda --amp  # on a GPU, bf16 autocast
+    python bench/benchmark.py --inference-only     # no training step
 
 What it measures, and how:
 - Models. torchvision's detector is built as it is with pretrained weights (ResNet50-FPN,
@@ -12,10 +13,12 @@ What it measures, and how:
   tests/test_detector.py, the box-regression weights are scaled to a trained model's size
   (x0.02 box head, x0.1 RPN) and one class's bias is raised, so that the models detect
   something and the outputs can be compared.
-- Variants. "torchvision"; "ours" (FasterRCNN as the notebooks build it); "ours fast":
-  for inference model.fuse() (BatchNorm folded into the convolutions, channels_last), for
-  training the same model in channels_last (BatchNorm cannot be folded into weights that
-  are being trained).
+- Variants. "torchvision"; "ours": the default path, what fc.FasterRCNN runs with nothing
+  called for speed: for inference the model in eval mode, which runs a folded copy of its
+  backbone (BatchNorm folded into the convolutions, channels_last), for training the model in
+  channels_last, as fc.train puts it (TrainConfig.channels_last); "ours plain": the readable
+  path, in torchvision's order of arithmetic: for inference fused_inference=False, for
+  training the model as built.
 - Time. One process, the variants interleaved run by run (a shared CPU drifts; interleaving
   gives every variant the same drift), after one warm-up run, median of --runs runs.
   Inference: one image (a real photo) under torch.inference_mode, ms per image.
@@ -26,7 +29,8 @@ What it measures, and how:
   resident-memory high-water mark (/proc/self/clear_refs), runs twice (the first run's
   one-time allocations, such as the optimizer's momentum, count too) and reports the peak
   resident memory above the resident memory before the runs: what inference (or training)
-  needs on top of the model itself, allocator overheads included. CUDA: the same with
+  needs on top of the model itself, allocator overheads included ("ours" builds its folded
+  backbone before: like the weights, it is the model's, made once). CUDA: the same with
   torch.cuda.max_memory_allocated.
 - FLOPs. torch.utils.flop_counter.FlopCounterMode over one inference (convolutions and
   matrix products; the rest is memory-bound). Achieved GFLOP/s = FLOPs / median time, also
@@ -37,13 +41,13 @@ What it measures, and how:
   training step measures that penalty (2x here, on both models alike) more than either
   implementation. So the benchmark flushes denormals (torch.set_flush_denormal, which only
   changes numbers below 1e-38); --keep-denormals measures with them.
-- Parity. Before timing, ours and ours fast must give torchvision's detections: the same
-  labels, scores within 1e-4, boxes within 1e-3 px (ours, torchvision's arithmetic order)
-  and 1e-2 px (ours fast, whose folding and layout reorder float sums). Training: the same
-  four losses within 1e-4 relative (ours) and 1e-3 (ours fast, channels_last: reordered sums).
+- Parity. Before timing, ours plain and ours must give torchvision's detections: the same
+  labels, scores within 1e-4, boxes within 1e-3 px (ours plain, torchvision's arithmetic
+  order) and 1e-2 px (ours, whose folding and layout reorder float sums). Training: the same
+  four losses within 1e-4 relative (ours plain) and 1e-3 (ours, channels_last: reordered sums).
 
 It prints a table, writes it to bench/results.md (machine and date named), and ends with one
-JSON line: the ratios (ours fast / torchvision time, speedup, memory ratio) and the machine.
+JSON line: the ratios (ours / torchvision time, speedup, memory ratio) and the machine.
 """
 from __future__ import annotations
 
@@ -77,13 +81,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import frcnn_common as fc  # noqa: E402
 
-BOX_ATOL = 1e-3        # px, ours: the arithmetic runs in torchvision's order
-BOX_ATOL_FAST = 1e-2   # px, ours fast: folded BatchNorm and channels_last reorder float sums
+BOX_ATOL = {"ours plain": 1e-3,  # px: the arithmetic runs in torchvision's order
+            "ours": 1e-2}        # px: folded BatchNorm and channels_last reorder float sums
 SCORE_ATOL = 1e-4
-LOSS_RTOL = {"ours": 1e-4, "ours fast": 1e-3}  # the first training step's losses, relative
+LOSS_RTOL = {"ours plain": 1e-4, "ours": 1e-3}  # the first training step's losses, relative
 LOSS_NAMES = {"rpn_objectness": "loss_objectness", "rpn_box": "loss_rpn_box_reg",
               "roi_classifier": "loss_classifier", "roi_box": "loss_box_reg"}
-VARIANTS = ("torchvision", "ours", "ours fast")
+VARIANTS = ("torchvision", "ours plain", "ours")
 
 
 # ---------------------------------------------------------------------------------- models
@@ -116,13 +120,17 @@ def set_min_size(model, size: int) -> None:
 
 
 def inference_variants(torchvision_model, ours) -> dict:
-    return {"torchvision": torchvision_model.eval(), "ours": ours.eval(), "ours fast": ours.fuse()}
+    """ours in eval mode is the default path (a folded backbone); the plain path is a second model."""
+    from copy import deepcopy
+    plain = deepcopy(ours).eval()
+    plain.fused_inference = False
+    return {"torchvision": torchvision_model.eval(), "ours plain": plain, "ours": ours.eval()}
 
 
 def training_variants(torchvision_model, ours) -> dict:
     from copy import deepcopy
-    fast = deepcopy(ours).to(memory_format=torch.channels_last)
-    return {"torchvision": torchvision_model, "ours": ours, "ours fast": fast}
+    fast = deepcopy(ours).to(memory_format=torch.channels_last)  # as fc.train puts it
+    return {"torchvision": torchvision_model, "ours plain": ours, "ours": fast}
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -273,6 +281,8 @@ def _measure_memory(variant: str, mode: str, size: int, weights: pathlib.Path, d
     if mode == "inference":
         images, _ = to_device([inference_image()], None, device)
         call = inference_call(model, images, device, amp)
+        if isinstance(model, fc.FasterRCNN) and model.fused_inference:
+            fc.inference_backbone(model)  # made once, like the weights: not part of an inference
     else:
         model.train()
         images, targets = to_device(*training_batch(), device)
@@ -325,34 +335,62 @@ def markdown_report(args, machine, date, peak, inference, training, memory, flop
              f"{'bf16 autocast; ' if args.amp else ''}median of {args.runs} interleaved runs after a warm-up; "
              f"measured {'bf16' if args.amp else 'fp32'} matmul peak {peak:,.0f} GFLOP/s.",
              "",
-             "\"ours fast\" is `model.fuse()` for inference (BatchNorm folded into the convolutions, "
-             "channels_last) and the model in channels_last for training.",
+             "\"ours\" is the default path: for inference the model in eval mode, which runs a folded copy of "
+             "its backbone (BatchNorm folded into the convolutions, channels_last), for training the model in channels_last "
+             "as `fc.train` puts it. \"ours plain\" is the readable path in torchvision's order of arithmetic "
+             "(`fused_inference=False`; the model as built for training).",
              "",
-             "| measurement | torchvision | ours | ours fast | ours fast / torchvision |",
+             "| measurement | torchvision | ours plain | ours | ours / torchvision |",
              "|---|---:|---:|---:|---:|"]
     for size, res in inference.items():
         med = {v: statistics.median(res[v]) for v in VARIANTS}
-        lines.append(f"| inference {size} px, ms/image | {fmt(med['torchvision'])} | {fmt(med['ours'])} | "
-                     f"{fmt(med['ours fast'])} | {med['ours fast'] / med['torchvision']:.2f} |")
+        lines.append(f"| inference {size} px, ms/image | {fmt(med['torchvision'])} | {fmt(med['ours plain'])} | "
+                     f"{fmt(med['ours'])} | {med['ours'] / med['torchvision']:.2f} |")
     if training:
         med = {v: statistics.median(training["times"][v]) for v in VARIANTS}
         lines.append(f"| training step {training['size']} px, batch 2, ms | {fmt(med['torchvision'])} | "
-                     f"{fmt(med['ours'])} | {fmt(med['ours fast'])} | {med['ours fast'] / med['torchvision']:.2f} |")
+                     f"{fmt(med['ours plain'])} | {fmt(med['ours'])} | {med['ours'] / med['torchvision']:.2f} |")
     for key, res in memory.items():
-        ratio = (res["ours fast"] / res["torchvision"]) if res["torchvision"] and res["ours fast"] else None
-        lines.append(f"| peak memory, {key}, MB | {fmt(res['torchvision'])} | {fmt(res['ours'])} | "
-                     f"{fmt(res['ours fast'])} | {fmt(ratio, 2)} |")
+        ratio = (res["ours"] / res["torchvision"]) if res["torchvision"] and res["ours"] else None
+        lines.append(f"| peak memory, {key}, MB | {fmt(res['torchvision'])} | {fmt(res['ours plain'])} | "
+                     f"{fmt(res['ours'])} | {fmt(ratio, 2)} |")
     for size, res in flops.items():
         med = {v: statistics.median(inference[size][v]) for v in VARIANTS}
         gf = {v: res[v] / 1e9 for v in VARIANTS}
-        lines.append(f"| GFLOP per image, {size} px | {fmt(gf['torchvision'], 1)} | {fmt(gf['ours'], 1)} | "
-                     f"{fmt(gf['ours fast'], 1)} | {gf['ours fast'] / gf['torchvision']:.2f} |")
+        lines.append(f"| GFLOP per image, {size} px | {fmt(gf['torchvision'], 1)} | {fmt(gf['ours plain'], 1)} | "
+                     f"{fmt(gf['ours'], 1)} | {gf['ours'] / gf['torchvision']:.2f} |")
         rate = {v: gf[v] / (med[v] / 1000) for v in VARIANTS}
         lines.append(f"| achieved GFLOP/s, {size} px (fraction of matmul peak) | "
                      + " | ".join(f"{rate[v]:,.0f} ({rate[v] / peak:.0%})" for v in VARIANTS)
-                     + f" | {rate['ours fast'] / rate['torchvision']:.2f} |")
+                     + f" | {rate['ours'] / rate['torchvision']:.2f} |")
     lines += ["", "Parity (checked before timing):", ""] + [f"- {line}" for line in parity_lines]
     return "\n".join(lines) + "\n"
+
+
+def time_training(args, torchvision_model, ours, train_size, device, parity_lines) -> dict:
+    """One training step: parity of the first step's losses, then time. Returns {"size", "times", "ok"}."""
+    ok_all = True
+    models = training_variants(torchvision_model, ours)
+    images, targets = to_device(*training_batch(), device)
+    calls = {}
+    for name, model in models.items():
+        set_min_size(model, train_size)
+        model.train()
+        calls[name] = training_step_call(model, make_optimizer(model), images, targets, device, args.amp)
+    first = {name: call() for name, call in calls.items()}
+    for name in ("ours plain", "ours"):
+        diffs = [abs(first[name][k].item() - first["torchvision"][v].item()) / max(abs(first["torchvision"][v].item()), 1e-12)
+                 for k, v in LOSS_NAMES.items()]
+        ok = max(diffs) <= (1e-2 if args.amp else LOSS_RTOL[name])
+        ok_all &= ok
+        parity_lines.append(f"training step {train_size} px, {name}: the four losses within "
+                            f"{max(diffs):.1e} (relative) of torchvision's: {'OK' if ok else 'MISMATCH'}")
+        print(parity_lines[-1])
+    training = {"size": train_size, "times": time_interleaved(calls, args.runs, device)}
+    print(f"training step {train_size} px, ms: " + ", ".join(
+        f"{n} {statistics.median(t):,.0f}" for n, t in training["times"].items()))
+    training["ok"] = ok_all
+    return training
 
 
 # ---------------------------------------------------------------------------------- main
@@ -368,6 +406,7 @@ def main(argv=None):
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--inference-only", action="store_true", help="skip the training step")
     parser.add_argument("--keep-denormals", action="store_true",
                         help="do not flush denormal floats to zero (see the module docstring)")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results.md",
@@ -413,7 +452,7 @@ def main(argv=None):
         for model in models.values():
             set_min_size(model, size)
         outputs = {name: inference_call(model, images, device, args.amp)() for name, model in models.items()}
-        for name, atol in (("ours", BOX_ATOL), ("ours fast", BOX_ATOL_FAST)):
+        for name, atol in BOX_ATOL.items():
             ok, box_diff, score_diff = same_detections(outputs[name][0], outputs["torchvision"][0],
                                                        10 * atol if args.amp else atol)
             all_ok &= ok
@@ -432,26 +471,10 @@ def main(argv=None):
     peak = max(peak, matmul_peak_gflops(device, peak_dtype))  # a shared machine may have been busy before
 
     # --- training: parity of the first step's losses, then time
-    models = training_variants(torchvision_model, ours)
-    images, targets = to_device(*training_batch(), device)
-    calls = {}
-    for name, model in models.items():
-        set_min_size(model, train_size)
-        model.train()
-        calls[name] = training_step_call(model, make_optimizer(model), images, targets, device, args.amp)
-    first = {name: call() for name, call in calls.items()}
-    for name in ("ours", "ours fast"):
-        diffs = [abs(first[name][k].item() - first["torchvision"][v].item()) / max(abs(first["torchvision"][v].item()), 1e-12)
-                 for k, v in LOSS_NAMES.items()]
-        ok = max(diffs) <= (1e-2 if args.amp else LOSS_RTOL[name])
-        all_ok &= ok
-        parity_lines.append(f"training step {train_size} px, {name}: the four losses within "
-                            f"{max(diffs):.1e} (relative) of torchvision's: {'OK' if ok else 'MISMATCH'}")
-        print(parity_lines[-1])
-    training = {"size": train_size, "times": time_interleaved(calls, args.runs, device)}
-    print(f"training step {train_size} px, ms: " + ", ".join(
-        f"{n} {statistics.median(t):,.0f}" for n, t in training["times"].items()))
-    del models, calls
+    training = {}
+    if not args.inference_only:
+        training = time_training(args, torchvision_model, ours, train_size, device, parity_lines)
+        all_ok &= training.pop("ok")
 
     # --- peak memory, each variant measured alone
     if not args.no_memory:
@@ -460,10 +483,11 @@ def main(argv=None):
             memory[f"inference {size} px"] = {v: peak_memory_mb(v, "inference", size, weights, device, args.amp,
                                                                 child_args) for v in VARIANTS}
             print(f"peak memory, inference {size} px, MB: {memory[f'inference {size} px']}")
-        key = f"training step {train_size} px"
-        memory[key] = {v: peak_memory_mb(v, "training", train_size, weights, device, args.amp, child_args)
-                       for v in VARIANTS}
-        print(f"peak memory, {key}, MB: {memory[key]}")
+        if training:
+            key = f"training step {train_size} px"
+            memory[key] = {v: peak_memory_mb(v, "training", train_size, weights, device, args.amp, child_args)
+                           for v in VARIANTS}
+            print(f"peak memory, {key}, MB: {memory[key]}")
 
     peak = max(peak, matmul_peak_gflops(device, peak_dtype))  # a shared machine may have been busy at the start
     report = markdown_report(args, machine, date, peak, inference, training, memory, flops, parity_lines)
@@ -479,22 +503,22 @@ def main(argv=None):
     summary = {"date": date, "machine": machine, "matmul_peak_gflops": round(peak, 1), "parity_ok": all_ok,
                "inference": {}, "training": {}, "memory": {}}
     for size, res in inference.items():
-        t_ref, t_fast, t_ours = (statistics.median(res[v]) for v in ("torchvision", "ours fast", "ours"))
+        t_ref, t_ours, t_plain = (statistics.median(res[v]) for v in ("torchvision", "ours", "ours plain"))
         summary["inference"][str(size)] = {
-            "torchvision_ms": round(t_ref, 1), "ours_ms": round(t_ours, 1), "ours_fast_ms": round(t_fast, 1),
-            "ours_fast_over_torchvision_time": ratio(t_fast, t_ref), "speedup": ratio(t_ref, t_fast),
-            "ours_over_torchvision_time": ratio(t_ours, t_ref),
-            "gflop": round(flops[size]["ours fast"] / 1e9, 2),
-            "fraction_of_matmul_peak": round(flops[size]["ours fast"] / 1e9 / (t_fast / 1000) / peak, 3)}
-    t_ref, t_fast, t_ours = (statistics.median(training["times"][v]) for v in ("torchvision", "ours fast", "ours"))
-    summary["training"] = {"size": train_size, "batch": 2, "torchvision_ms": round(t_ref, 1),
-                           "ours_ms": round(t_ours, 1), "ours_fast_ms": round(t_fast, 1),
-                           "ours_fast_over_torchvision_time": ratio(t_fast, t_ref), "speedup": ratio(t_ref, t_fast),
-                           "ours_over_torchvision_time": ratio(t_ours, t_ref)}
+            "torchvision_ms": round(t_ref, 1), "ours_plain_ms": round(t_plain, 1), "ours_ms": round(t_ours, 1),
+            "ours_over_torchvision_time": ratio(t_ours, t_ref), "speedup": ratio(t_ref, t_ours),
+            "ours_plain_over_torchvision_time": ratio(t_plain, t_ref),
+            "gflop": round(flops[size]["ours"] / 1e9, 2),
+            "fraction_of_matmul_peak": round(flops[size]["ours"] / 1e9 / (t_ours / 1000) / peak, 3)}
+    if training:
+        t_ref, t_ours, t_plain = (statistics.median(training["times"][v]) for v in ("torchvision", "ours", "ours plain"))
+        summary["training"] = {"size": train_size, "batch": 2, "torchvision_ms": round(t_ref, 1),
+                               "ours_plain_ms": round(t_plain, 1), "ours_ms": round(t_ours, 1),
+                               "ours_over_torchvision_time": ratio(t_ours, t_ref), "speedup": ratio(t_ref, t_ours),
+                               "ours_plain_over_torchvision_time": ratio(t_plain, t_ref)}
     for key, res in memory.items():
-        summary["memory"][key] = {"torchvision_mb": res["torchvision"], "ours_mb": res["ours"],
-                                  "ours_fast_mb": res["ours fast"],
-                                  "ours_fast_over_torchvision": ratio(res["ours fast"], res["torchvision"])}
+        summary["memory"][key] = {"torchvision_mb": res["torchvision"], "ours_plain_mb": res["ours plain"],
+                                  "ours_mb": res["ours"], "ours_over_torchvision": ratio(res["ours"], res["torchvision"])}
     print(json.dumps(summary))
 
 

@@ -11,6 +11,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import frcnn_common as fc
 
+IMG_SIZE = 400  # the side the shapes of notebook 02 are quoted at
+
 
 def num_params(module):
     return sum(p.numel() for p in module.parameters())
@@ -49,7 +51,7 @@ def features_400():
     torch.manual_seed(0)
     backbone, fpn = fc.ResNet50().eval(), fc.FPN().eval()
     with torch.no_grad():
-        cs = backbone(torch.randn(1, 3, fc.IMG_SIZE, fc.IMG_SIZE))
+        cs = backbone(torch.randn(1, 3, IMG_SIZE, IMG_SIZE))
         ps = fpn(cs)
     return cs, ps
 
@@ -220,7 +222,7 @@ def test_narrow_resnet_fpn_keeps_the_strides():
     assert body.out_channels == [64, 128, 256, 512]
     fpn = fc.FPN(body.out_channels, 256).eval()
     with torch.no_grad():
-        cs = body(torch.randn(1, 3, fc.IMG_SIZE, fc.IMG_SIZE))
+        cs = body(torch.randn(1, 3, IMG_SIZE, IMG_SIZE))
         ps = fpn(cs)
     assert [tuple(c.shape) for c in cs] == [(1, 64, 100, 100), (1, 128, 50, 50), (1, 256, 25, 25), (1, 512, 13, 13)]
     assert [tuple(p.shape) for p in ps] == [(1, 256, s, s) for s in (100, 50, 25, 13, 7)]

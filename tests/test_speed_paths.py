@@ -1,6 +1,7 @@
 """The fast paths give the answers of the plain ones: NMS that stops once it has max_keep
 boxes, the float32 form of torchvision's IoU threshold test, BatchNorm folded into
-convolutions, the fused (folded, channels_last) detector, RoIAlign in pieces, and training
+convolutions, the fused (folded, channels_last) detector that eval mode runs by default,
+RoIAlign for all RoIs at once (roi_align_fast) against the readable roi_align, and training
 in channels_last."""
 import pytest
 import torch
@@ -110,10 +111,11 @@ def test_resnet_fold_batchnorm_keeps_its_outputs():
 @pytest.fixture(scope="module")
 def detector():
     """ResNet50-FPN with BatchNorm statistics that make folding matter, box regression at a
-    trained model's size and one confident class (as in test_detector.py)."""
+    trained model's size and one confident class (as in test_detector.py). fused_inference off:
+    in eval mode it runs its own modules, the plain path the fused copy is compared with."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = fc.FasterRCNN(91, min_size=320, max_size=512)
+    model = fc.FasterRCNN(91, min_size=320, max_size=512, fused_inference=False)
     for m in model.modules():
         if isinstance(m, fc.FrozenBatchNorm2d):
             n = m.weight.shape[0]
@@ -156,7 +158,108 @@ def test_fuse_leaves_the_model_alone_and_returns_an_inference_copy(detector):
     assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
 
 
-# ---------------------------------------------------------------------------- RoIAlign in pieces
+def small_detector(norm_layer=nn.BatchNorm2d, **kwargs):
+    return fc.FasterRCNN(5, backbone=fc.resnet_fpn_backbone(blocks=(1, 1, 1, 1), width=8, fpn_channels=32,
+                                                            norm_layer=norm_layer),
+                         min_size=160, max_size=256, representation_size=64, **kwargs)
+
+
+def test_eval_mode_runs_the_fused_copy_by_default(detector):
+    """The default eval path runs a folded, channels_last backbone: the plain path's detections
+    within 1e-2 px; the backbone built once and reused, rebuilt when a weight changes; the
+    model's settings apply."""
+    model = fc.FasterRCNN(91, min_size=320, max_size=512).eval()
+    model.load_state_dict(detector.state_dict())
+    images = [fc.sample_photo()]
+    with torch.inference_mode():
+        got, expected = model(images), detector(images)
+        backbone = fc.inference_backbone(model)
+        assert fc.inference_backbone(model) is backbone             # cached
+        assert not any(isinstance(m, fc.FrozenBatchNorm2d) for m in backbone.modules())
+        assert backbone.body.layer2[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    for det, ref in zip(got, expected):
+        assert len(ref["boxes"]) > 0 and len(det["boxes"]) == len(ref["boxes"])
+        assert torch.equal(det["labels"], ref["labels"])
+        torch.testing.assert_close(det["scores"], ref["scores"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(det["boxes"], ref["boxes"], atol=1e-2, rtol=0)  # px
+    assert isinstance(model.backbone.body.layer1[0].bn1, fc.FrozenBatchNorm2d)  # the model's own modules stay
+    model.roi_heads.score_thresh = 0.99                             # settings are the model's own
+    with torch.inference_mode():
+        assert all((det["scores"] > 0.99).all() for det in model(images))
+    with torch.no_grad():
+        model.backbone.fpn.output[0].bias += 1.0                     # a weight changes in place
+    with torch.inference_mode():
+        assert fc.inference_backbone(model) is not backbone          # rebuilt
+        torch.testing.assert_close(fc.inference_backbone(model).fpn.output[0].bias, model.backbone.fpn.output[0].bias)
+    assert "_inference_backbone" in model.__dict__ and "_inference_backbone" not in copy_of_state(model)
+
+
+def copy_of_state(model):
+    from copy import deepcopy
+    return deepcopy(model).__dict__  # copies leave the cached inference backbone behind
+
+
+def test_train_after_eval_trains_the_real_modules():
+    """eval -> inference -> train(): real BatchNorm in training mode, a step changes the
+    parameters; then eval gives what a fresh model with those weights gives."""
+    torch.manual_seed(0)
+    model = small_detector().eval()
+    g = torch.Generator().manual_seed(3)
+    images = [torch.rand(3, 150, 200, generator=g), torch.rand(3, 170, 140, generator=g)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 90.0, 120.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 5.0, 60.0, 40.0]]), "labels": torch.tensor([2])}]
+    with torch.inference_mode():
+        model(images)
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.training for m in bns) and "_inference_backbone" not in model.__dict__
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    optimizer.step()
+    after = model.state_dict()
+    assert not torch.equal(before["backbone.body.layer3.0.conv2.weight"], after["backbone.body.layer3.0.conv2.weight"])
+    assert not torch.equal(before["backbone.body.bn1.running_mean"], after["backbone.body.bn1.running_mean"])
+    fresh = small_detector().eval()
+    fresh.load_state_dict(model.state_dict())
+    model.eval()
+    with torch.inference_mode():
+        got, expected = model(images), fresh(images)
+    for det, ref in zip(got, expected):
+        assert torch.equal(det["labels"], ref["labels"]) and torch.equal(det["boxes"], ref["boxes"])
+        assert torch.equal(det["scores"], ref["scores"])
+
+
+# ---------------------------------------------------------------------------- RoIAlign for all RoIs at once
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_roi_align_fast_equals_the_readable_roi_align(seed, aligned, sampling_ratio):
+    """Values and gradients, empty and degenerate RoIs included, and one piece after another
+    (2000 RoIs at 7x7 with 2x2 samples are several pieces)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = int(torch.randint(5, 40, (1,), generator=g)), int(torch.randint(5, 40, (1,), generator=g))
+    x = torch.randn(2, 3, h, w, generator=g)
+    if seed % 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    num = 2000 if seed == 0 else 60
+    xy = torch.rand(num, 2, generator=g) * torch.tensor([w, h]) * 2.4 - 8
+    wh = torch.rand(num, 2, generator=g) * torch.tensor([w, h]) * 1.6
+    rois = torch.cat([torch.randint(0, 2, (num, 1), generator=g).float(), xy, xy + wh], dim=1)
+    rois[:4, 3:] = rois[:4, 1:3]            # zero size
+    rois[4:6, 1:3] = rois[4:6, 3:] + 2.0    # negative size
+    out_size = [(7, 7), (3, 5), 2][seed % 3]
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    readable = fc.roi_align(x1, rois, out_size, 0.5, sampling_ratio, aligned)
+    fast = fc.roi_align_fast(x2, rois, out_size, 0.5, sampling_ratio, aligned)
+    torch.testing.assert_close(fast, readable, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(readable.shape, generator=g)
+    (readable * weights).sum().backward()
+    (fast * weights).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-4, rtol=1e-4)
+
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_multiscale_roi_align_in_pieces_equals_torchvision(channels_last):
