@@ -26,9 +26,10 @@ results: venv
 	$(PYTHON) tools/results_table.py results
 
 # Ours against torchvision's detection heads, trained the same way (two cpu-profile trainings,
-# about half an hour on 2 cores); rewrites bench/side_by_side.json and README's table of it.
+# an hour or less on 2 cores; `make side-by-side EPOCHS=3` trains both 3 epochs instead);
+# rewrites bench/side_by_side.json and README's table of it.
 side-by-side: venv
-	$(PYTHON) bench/train_side_by_side.py --profile cpu
+	$(PYTHON) bench/train_side_by_side.py --profile cpu $(if $(EPOCHS),--epochs $(EPOCHS))
 	$(PYTHON) tools/results_table.py side-by-side
 
 test: venv

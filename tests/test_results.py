@@ -170,15 +170,15 @@ def test_side_by_side_section_is_written_from_its_json(tmp_path):
     base = json.loads(json.dumps(asdict(fc.PROFILES["cpu"])))
     ours = {k: 0.5 for k in fc.COCO_METRIC_KEYS} | {"train_seconds": 900.0}
     theirs = {k: 0.25 for k in fc.COCO_METRIC_KEYS} | {"train_seconds": 1000.0}
-    result = {"ours": ours, "torchvision": theirs, "epochs": 10, "profile": "cpu", "date": "2026-12-07",
-              "machine": "a test machine", "command": "python bench/train_side_by_side.py --profile cpu",
-              "config": base | {"batch_size": 4, "cpu_processes": 1}, "profile_config": base}
+    result = {"ours": ours, "torchvision": theirs, "epochs": 3, "profile": "cpu", "date": "2026-12-07",
+              "machine": "a test machine", "command": "python bench/train_side_by_side.py --profile cpu --epochs 3",
+              "config": base | {"epochs": 3}, "profile_config": base}
     (tmp_path / "sbs.json").write_text(json.dumps(result))
     readme = tmp_path / "README.md"
     readme.write_text("<!-- begin side_by_side -->\n<!-- end side_by_side -->\n")
     results_table.main(["side-by-side", str(tmp_path / "sbs.json"), "--readme", str(readme)])
     text = readme.read_text()
     assert "| ours (frcnn_common) | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 900 |" in text
-    assert "| torchvision's RPN and RoI heads | 0.250 |" in text and "one process of 4 images a step" in text
-    assert "Command: `python bench/train_side_by_side.py --profile cpu`." in text
+    assert "| torchvision's RPN and RoI heads | 0.250 |" in text and "(2 processes x 2 images a step), 3 epochs (the profile trains 10;" in text
+    assert "Command: `python bench/train_side_by_side.py --profile cpu --epochs 3`." in text
     assert results_guard.stale_sections(text.replace("side_by_side", "results") + text) == []

@@ -106,11 +106,14 @@ def render_results(metrics: dict, *, date: str, make_run_seconds: float | None =
 def render_side_by_side(result: dict) -> str:
     cfg = fc.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
     names = {"ours": "ours (frcnn_common)", "torchvision": "torchvision's RPN and RoI heads"}
+    full = result["profile_config"]["epochs"]
+    epochs = (f"{cfg.epochs} epochs" if cfg.epochs == full else
+              f"{cfg.epochs} epochs (the profile trains {full}; the learning-rate schedule fitted to {cfg.epochs})")
     lines = [
         f"Measured on {result['date']} on {result['machine']}: the `cpu` profile's backbone, recipe, data "
-        f"and seed on both sides, one process of {cfg.batch_size} images a step (torchvision's detector "
-        f"is passed to `fc.train` as an object, which the profile's two processes cannot share), "
-        f"{cfg.epochs} epochs; only the detection machinery differs: ours (anchors, RPN, RoIAlign, RoI "
+        f"and seed on both sides, trained as `fc.train_in_processes` trains it ({cfg.cpu_processes} "
+        f"process{'es' if cfg.cpu_processes > 1 else ''} x {cfg.batch_size} images a step), {epochs}; "
+        f"only the detection machinery differs: ours (anchors, RPN, RoIAlign, RoI "
         f"heads, all from scratch) against torchvision's (`GeneralizedRCNNTransform`, `RegionProposalNetwork`, "
         f"`MultiScaleRoIAlign`, `RoIHeads`). Final epoch, pycocotools on the {cfg.num_val} validation images:",
         "",
