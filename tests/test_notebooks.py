@@ -133,3 +133,21 @@ def test_readme_shows_every_figure():
     assert linked, "README.md shows no figures"
     broken = [f for f in linked if not (ROOT / f).is_file()]
     assert not broken, f"README.md links figures that do not exist: {broken}"
+
+
+def test_series_order_trains_before_the_notebooks_that_show_the_trained_model(tmp_path):
+    """`make run` runs a notebook after those its metadata names in "after"; the rest keep name order."""
+    from tools.run_notebooks import runs_after, series_order
+    paths = []
+    for name, after in (("01_a", []), ("02_b", ["05_e"]), ("03_c", []), ("04_d", ["05_e"]), ("05_e", []),
+                        ("06_f", ["99_absent"])):
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["frcnn"] = {"after": after}
+        nbformat.write(nb, str(tmp_path / f"{name}.ipynb"))
+        paths.append(tmp_path / f"{name}.ipynb")
+    assert [p.stem for p in series_order(paths)] == ["01_a", "03_c", "05_e", "02_b", "04_d", "06_f"]
+    # the committed series: 02 and 04 show 05's checkpoint, so they run after it
+    order = [p.stem for p in series_order(NOTEBOOK_PATHS)]
+    for stem in order:
+        for before in runs_after(NOTEBOOKS / f"{stem}.ipynb"):
+            assert order.index(before) < order.index(stem)

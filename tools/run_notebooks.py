@@ -3,7 +3,9 @@
     python tools/run_notebooks.py [--profile smoke|cpu|full] [--out DIR] [--images DIR] [NOTEBOOK_OR_GLOB ...]
 
 With no notebook named, every notebooks/*.ipynb runs, in name order (the series is numbered, and
-a later notebook may read what an earlier one wrote, as 06 reads 05's checkpoint). Each notebook
+a later notebook may read what an earlier one wrote, as 06 reads 05's checkpoint), except that a
+notebook whose metadata says it shows another's results runs after it (02 and 04 draw the
+trained model of 05: nb.metadata["frcnn"]["after"] = ["05_training"]). Each notebook
 runs with the repository root as its working directory, on the `python3` kernel, with the
 papermill parameter PROFILE set; the executed copy (with its outputs) goes to DIR
 (build/notebooks/ by default, which git ignores), so the committed notebooks stay output-free.
@@ -135,11 +137,34 @@ def run_notebook(path: str | pathlib.Path, *, profile: str, out_dir: str | pathl
     return seconds
 
 
+def runs_after(path: str | pathlib.Path) -> list[str]:
+    """The notebooks (stems) whose results this one shows when they exist, from
+    nb.metadata["frcnn"]["after"]: 02 and 04 show the trained model that 05 writes."""
+    nb = nbformat.read(str(path), as_version=4)
+    return list(nb.metadata.get("frcnn", {}).get("after", []))
+
+
+def series_order(paths: list[pathlib.Path]) -> list[pathlib.Path]:
+    """Name order, except that a notebook runs after the notebooks its metadata names in
+    "after" (when they run too): the reading order stays 01, 02, ..., but `make run` trains in
+    05 before 02 and 04 draw the trained backbone and RPN."""
+    pending, done, order = list(paths), set(), []
+    stems = {p.stem for p in paths}
+    while pending:
+        ready = next(p for p in pending if all(a in done or a not in stems for a in runs_after(p))
+                     or p is pending[-1])   # a cycle cannot stall the run: the last goes anyway
+        pending.remove(ready)
+        order.append(ready)
+        done.add(ready.stem)
+    return order
+
+
 def find_notebooks(patterns: list[str]) -> list[pathlib.Path]:
     """Notebook paths from names or globs (relative to the working directory, the repository
-    root or notebooks/); all of notebooks/*.ipynb, in name order, when none is given."""
+    root or notebooks/); all of notebooks/*.ipynb, in series order (series_order), when none
+    is given."""
     if not patterns:
-        return sorted(NOTEBOOKS.glob("*.ipynb"))
+        return series_order(sorted(NOTEBOOKS.glob("*.ipynb")))
     found = []
     for pattern in patterns:
         matches = []
