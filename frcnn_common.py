@@ -103,7 +103,7 @@ class DatasetWarning(UserWarning):
 SHAPES_CLASSES = ("__background__", "circle", "square", "triangle", "star", "ellipse", "cross")
 
 # Bump _SHAPES_VERSION whenever the drawing code changes, so that old builds are redrawn.
-_SHAPES_VERSION = 3
+_SHAPES_VERSION = 4
 _SHAPES_SIDE = (160, 320)        # image width and height are drawn from this range (px)
 _SHAPES_MIN_OBJECT = 8           # smallest object, longer side in px
 _SHAPES_MAX_OBJECTS = 10
@@ -175,14 +175,15 @@ def _shapes_background(rng, height, width):
 
 
 def _draw_shapes_image(rng, class_names):
-    """Draw one image: (uint8[H, W, 3], [(label, [x, y, w, h]), ...], owner Int32[H, W]).
+    """Draw one image: (uint8[H, W, 3], [(label, [x, y, w, h], visible), ...], owner Int32[H, W]).
 
     owner holds, per pixel, the index of the annotation drawn there (-1: background).
 
     Shapes are drawn one over another, mostly large ones first. A shape whose position would
     leave an earlier shape less than _SHAPES_MIN_VISIBLE visible is moved (or left out), so
     every shape in the image is annotated and every annotation is learnable. Each box is
-    computed from the pixels of the shape that stay visible, so it is tight to the last pixel.
+    computed from the pixels of the shape that stay visible, so it is tight to the last pixel;
+    visible is the share of the shape's pixels that later shapes leave uncovered (0.5..1).
     """
     height, width = (int(v) for v in rng.integers(_SHAPES_SIDE[0], _SHAPES_SIDE[1] + 1, 2))
     image = _shapes_background(rng, height, width)
@@ -233,12 +234,12 @@ def _draw_shapes_image(rng, class_names):
         objects.append([label, (x0, y0, x1, y1), int(mask.sum()), int(mask.sum())])
     image += rng.normal(0, rng.uniform(0, 6), image.shape)     # sensor noise over everything
     annotations = []
-    for index, (label, (x0, y0, x1, y1), _, _) in enumerate(objects):
+    for index, (label, (x0, y0, x1, y1), drawn, visible) in enumerate(objects):
         rows, cols = np.nonzero(owner[y0:y1, x0:x1] == index)
         bx, by = x0 + int(cols.min()), y0 + int(rows.min())
         # x2 = last column + 1: boxes lie on pixel edges (see the section docstring)
         bw, bh = x0 + int(cols.max()) + 1 - bx, y0 + int(rows.max()) + 1 - by
-        annotations.append((label, [bx, by, bw, bh]))
+        annotations.append((label, [bx, by, bw, bh], round(visible / drawn, 3)))
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), annotations, owner
 
 
@@ -307,11 +308,13 @@ def build_shapes_dataset(root="data/shapes", *, seed=0, num_train=1000, num_val=
             Image.fromarray(pixels).save(root / split / file_name, compress_level=1)
             images.append({"id": image_id, "file_name": file_name,
                            "width": pixels.shape[1], "height": pixels.shape[0]})
-            for label, bbox in objects:
+            for label, bbox, visible in objects:
                 # No masks here, so "area" is the box area, as the evaluator computes it from boxes.
+                # "visible" (not a COCO field; readers ignore it) is the share of the shape that
+                # the shapes drawn over it leave uncovered: notebook 06 measures what occlusion costs.
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                     "category_id": label, "bbox": bbox,
-                                    "area": bbox[2] * bbox[3], "iscrowd": 0})
+                                    "area": bbox[2] * bbox[3], "iscrowd": 0, "visible": visible})
         _write_json_atomic(root / "annotations" / f"instances_{split}.json",
                            {"info": {"description": f"shapes dataset, seed {seed}"}, "licenses": [],
                             "images": images, "annotations": annotations, "categories": categories})

@@ -128,15 +128,34 @@ def test_shapes_content(shapes_root):
     assert min(aspect) < 0.6 and max(aspect) > 1.6
 
 
+def test_shapes_visible_share_is_what_later_shapes_leave():
+    """visible = the shape's pixels left uncovered / the pixels it drew: the last shape drawn is
+    whole, and a shape partly hidden has a later shape's pixels inside its box."""
+    for i in range(10):
+        rng = np.random.default_rng([0, 0, i])
+        pixels, annotations, owner = fc._draw_shapes_image(rng, fc.SHAPES_CLASSES)
+        if not annotations:
+            continue
+        assert annotations[-1][2] == 1.0                                   # nothing drawn over the last
+        for j, (_, _, visible) in enumerate(annotations):
+            covered_by_later = visible < 1.0
+            # a shape partly hidden has a later shape whose box overlaps its own
+            if covered_by_later:
+                x, y, w, h = annotations[j][1]
+                later = owner[y:y + h, x:x + w]
+                assert (later > j).any()
+
+
 def test_shapes_boxes_are_tight():
     # Each box is the extent of the pixels its shape still shows: the first and last row and
     # column inside the box hold some of them, and nothing of the shape lies outside the box.
     for i in range(20):
         pixels, annotations, owner = fc._draw_shapes_image(np.random.default_rng([0, 0, i]), fc.SHAPES_CLASSES)
         assert owner.shape == pixels.shape[:2] and owner.max() == len(annotations) - 1
-        for j, (label, (x, y, w, h)) in enumerate(annotations):
+        for j, (label, (x, y, w, h), visible) in enumerate(annotations):
             mask = owner == j
             assert mask[y:y + h, x:x + w].sum() == mask.sum()             # nothing outside
+            assert fc._SHAPES_MIN_VISIBLE <= visible <= 1
             inside = mask[y:y + h, x:x + w]
             assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
 
