@@ -2124,6 +2124,10 @@ class RoIHeads(nn.Module):
         self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
         self.box_coder = BoxCoder(bbox_reg_weights)
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+        # The share of ground-truth boxes among the positive RoIs of the last training step, for the
+        # training log (train_one_epoch): near 1 while the RPN proposes nothing on the objects;
+        # -1 when a step has no positive RoI at all.
+        self.gt_share = -1.0
 
     def forward(self, features, proposals: list[Tensor], image_sizes, targets=None):
         if self.training:
@@ -2138,6 +2142,7 @@ class RoIHeads(nn.Module):
         """Label each proposal by its best GT (IoU >= 0.5 -> that GT's class, else background),
         sample 512 per image with at most a quarter positive, and encode their box targets."""
         all_labels, all_matched, joined = [], [], []
+        num_proposals = [len(props) for props in proposals]    # rows after these are GT boxes
         for props, target in zip(proposals, targets):
             gt_boxes, gt_labels = target["boxes"].to(props.dtype), target["labels"]
             # The GT boxes join the proposals: early in training the RPN proposes nothing
@@ -2156,6 +2161,9 @@ class RoIHeads(nn.Module):
             all_labels.append(labels)
             all_matched.append(matched)
         pos, neg = self.sampler(all_labels)
+        num_pos = sum(len(p) for p in pos)
+        num_gt_pos = sum(int((p >= n).sum()) for p, n in zip(pos, num_proposals))
+        self.gt_share = num_gt_pos / num_pos if num_pos else -1.0
         rois, labels, matched = [], [], []
         for props, lab, mat, p, q in zip(joined, all_labels, all_matched, pos, neg):
             keep = torch.cat([p, q]).sort().values
@@ -2731,6 +2739,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         for name, value in losses.items():
             history[name].append(value.item())
         history["loss"].append(loss.item())
+        heads = getattr(model, "module", model).roi_heads     # DDP wraps the model in .module
+        if hasattr(heads, "gt_share"):                        # ours; a torchvision model does not say
+            history.setdefault("gt_share", []).append(heads.gt_share)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{history['lr'][-1]:.2e}")
 
 

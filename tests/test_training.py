@@ -39,8 +39,9 @@ def test_train_writes_checkpoints_and_metrics(smoke_run):
     assert [e["epoch"] for e in saved["epochs"]] == [1, 2]
     steps = SMOKE.epochs * (SMOKE.max_train_images // SMOKE.batch_size)
     assert saved["processes"] == 1 and saved["total_steps"] == steps
-    for key in ("rpn_objectness", "rpn_box", "roi_classifier", "roi_box", "lr", "loss"):
+    for key in ("rpn_objectness", "rpn_box", "roi_classifier", "roi_box", "lr", "loss", "gt_share"):
         assert len(saved["history"][key]) == steps
+    assert all(0.0 <= v <= 1.0 or v == -1 for v in saved["history"]["gt_share"])
     assert all(0.0 <= e["AP50"] <= 1.0 or e["AP50"] == -1 for e in saved["epochs"])
     model, ckpt = fc.load_checkpoint(out / "last.pt")
     assert not model.training and ckpt["epoch"] == 2 and ckpt["class_names"][0] == "__background__"
@@ -113,6 +114,21 @@ def test_nan_loss_skips_then_stops_keeping_the_last_checkpoint(tmp_path, monkeyp
     assert "non-finite loss" in printed and "images [" in printed  # names the batch's image ids
     assert (tmp_path / "last.pt").read_bytes() == before
     fc.load_checkpoint(tmp_path / "last.pt")  # still loads
+
+
+def test_gt_share_counts_the_joined_ground_truth_among_the_positives():
+    """Two GT boxes, three proposals: one on the first box (IoU 1), one at IoU 0.6 with it, one on
+    background. Every positive is sampled (the fraction allows 16), so 2 of the 4 positives are
+    the joined GT boxes: gt_share 0.5. Without positive proposals it is 1."""
+    heads = fc.build_model(SMOKE, 7).roi_heads
+    gt = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0], [100.0, 100.0, 140.0, 160.0]]),
+          "labels": torch.tensor([1, 2])}
+    props = torch.tensor([[10.0, 10.0, 50.0, 50.0], [10.0, 10.0, 50.0, 75.0], [200.0, 0.0, 230.0, 30.0]])
+    assert abs(fc.box_iou(props[1:2], gt["boxes"][:1]).item() - 0.615) < 1e-3
+    heads.sample_rois([props], [gt])
+    assert heads.gt_share == 0.5
+    heads.sample_rois([props[2:]], [gt])
+    assert heads.gt_share == 1.0
 
 
 def test_train_one_epoch_is_the_loop(tmp_path):
