@@ -2931,6 +2931,11 @@ def end_epoch(run: TrainingRun, *, progress: bool) -> None:
     metrics = evaluate_model(run.model, run.val_set, device=run.device, progress=progress)
     run.epochs.append({"epoch": run.epoch, **{k: metrics[k] for k in COCO_METRIC_KEYS},
                        "train_seconds": run.train_seconds})
+    if isinstance(run.model, FasterRCNN):  # the dashboard of section 08 (not for a torchvision model)
+        steps = run.total_steps // run.cfg.epochs
+        run.epochs[-1]["train_losses"] = {k: float(np.mean(run.history[k][-steps:])) for k in LOSS_NAMES}
+        run.epochs[-1].update(epoch_dashboard(run.model, subset(run.val_set, DASHBOARD_IMAGES), device=run.device,
+                                              batch_size=run.cfg.batch_size))
     is_best = metrics["AP"] > run.best_ap
     run.best_ap = max(run.best_ap, metrics["AP"])
     ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -3471,6 +3476,7 @@ def average_precision(predictions, targets, *, class_names=None, return_details=
 # format_errors — the table that `errors` and `evaluate --errors` print
 # object_funnel, FUNNEL_STAGES — the stage of the model where each ground-truth object was lost
 # funnel_table, size_group — the funnel counted per object size or per class
+# epoch_dashboard, DASHBOARD_IMAGES — per epoch: validation losses, RPN recall, gt share, RoI levels
 """Section 08, diagnosis. One AP number does not say what to fix; this section says where the
 AP went, on the same matching as section 06 (COCO's greedy matching at IoU 0.5, 101 recall
 points, the best 100 detections per image and class).
@@ -3824,6 +3830,93 @@ def funnel_table(records: list[dict], key) -> dict:
 def size_group(record: dict) -> str:
     """COCO's size of an object: small (area < 32^2), medium (< 96^2) or large."""
     return "small" if record["area"] < 32.0**2 else "medium" if record["area"] < 96.0**2 else "large"
+
+
+# ---- the training dashboard --------------------------------------------------------------------
+
+DASHBOARD_IMAGES = 64  # validation images the dashboard reads after each epoch: a few seconds on a CPU
+LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_classifier", "roi_box")
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module, device):
+    """Run a block without changing the model: its mode, every buffer (BatchNorm's running
+    statistics move in a train-mode forward) and the random state that training draws from
+    (sampling, multi-scale resizing, the data loader's seed) are as they were afterwards."""
+    was_training = model.training
+    buffers = [b.detach().clone() for b in model.buffers()]
+    devices = [device] if torch.device(device).type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        model.train(was_training)
+
+
+def epoch_dashboard(model: "FasterRCNN", dataset, *, device, batch_size: int = 4) -> dict:
+    """What to watch after each epoch besides AP, on `dataset` (metrics.json keeps it per epoch):
+
+        val_losses      the four losses, computed as training computes them (train mode: the train
+                        top-N proposals, RoI sampling, BatchNorm on the batch), averaged over images
+        rpn_recall      the share of objects with a proposal at IoU >= 0.5 among the RPN's kept
+                        top-N in eval mode: an object without one cannot be detected (the funnel)
+        gt_share        the share of ground-truth boxes among the positive RoIs the box head trains
+                        on (sample_rois joins them): near 1, the RPN finds nothing yet
+        roi_levels      how many sampled RoIs pool from P2, P3, P4, P5 (the level mapper)
+
+    Without gradients, and leaving the model as it was (_untouched): weights, buffers, mode, RNG.
+    The train-mode pass is FasterRCNN.forward's, one part at a time, to read the sampled RoIs.
+    """
+    loader = make_data_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    sums, num_images = dict.fromkeys(LOSS_NAMES, 0.0), 0
+    num_objects = found = positives = gt_positives = 0
+    levels = torch.zeros(4, dtype=torch.int64)
+    heads = model.roi_heads
+    with _untouched(model, device):
+        # first the recall of the kept proposals, as the detector runs them (eval mode, test top-N),
+        # before the train-mode pass moves BatchNorm's running statistics
+        model.eval()
+        backbone = inference_backbone(model) if model.fused_inference else model.backbone
+        for images, targets in loader:
+            images = [img.to(device) for img in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in trainable_targets(targets)]
+            batch, image_sizes, resized = model.transform(images, targets)
+            proposals, _, _ = model.rpn(batch.shape[-2:], image_sizes, backbone(batch))
+            for props, target in zip(proposals, resized):
+                num_objects += len(target["boxes"])
+                if len(target["boxes"]) and len(props):
+                    found += int((box_iou(target["boxes"].to(props), props).max(dim=1).values >= 0.5).sum())
+        model.train()
+        for images, targets in loader:
+            images = [img.to(device) for img in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in trainable_targets(targets)]
+            batch, image_sizes, resized = model.transform(images, targets)  # (N, 3, H, W)
+            features = model.backbone(batch)
+            proposals, _, losses = model.rpn(batch.shape[-2:], image_sizes, features, resized)
+            rois, labels, gt_deltas = heads.sample_rois(proposals, resized)
+            class_logits, box_deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features[:4], rois,
+                                                                                              image_sizes)))
+            losses.update(heads.loss(class_logits, box_deltas, labels, gt_deltas))
+            for name in LOSS_NAMES:  # per-batch means, weighted by the images in the batch
+                sums[name] += losses[name].item() * len(images)
+            num_images += len(images)
+            is_positive = (labels > 0).split([len(r) for r in rois])
+            for rois_i, pos, target in zip(rois, is_positive, resized):
+                gt_boxes = target["boxes"].to(rois_i)
+                is_gt = (rois_i[:, None, :] == gt_boxes[None]).all(-1).any(-1)  # (R_i,) a joined gt box
+                positives += int(pos.sum())
+                gt_positives += int((pos & is_gt).sum())
+            scales = heads.box_roi_pool.level_scales(features[:4], image_sizes)
+            k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
+            levels += torch.bincount(heads.box_roi_pool.map_levels(torch.cat(rois), k_min, k_max).cpu(),
+                                     minlength=4)[:4]
+    return {"val_losses": {name: s / max(num_images, 1) for name, s in sums.items()},
+            "rpn_recall": found / num_objects if num_objects else -1.0,
+            "gt_share": gt_positives / positives if positives else -1.0,
+            "roi_levels": levels.tolist()}
 
 
 # =============================================================================================

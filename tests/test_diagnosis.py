@@ -161,3 +161,66 @@ def test_errors_command_bad_input_is_one_line_not_a_traceback(tmp_path):
     assert run.returncode == 1
     assert run.stderr.strip().startswith("error:") and len(run.stderr.strip().splitlines()) == 1
     assert "Traceback" not in run.stderr
+
+
+# ---------------------------------------------------------------------------- the dashboard
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+GT_A, GT_B, GT_C = [10., 10, 50, 50], [60., 60, 120, 120], [70., 0, 120, 40]
+
+
+def planted_dataset(num_images=2, size=128):
+    """Images of size x size (the model's own size: boxes are not resized), three objects each."""
+    generator = torch.Generator().manual_seed(0)
+    target = {"boxes": torch.tensor([GT_A, GT_B, GT_C]), "labels": torch.tensor([1, 2, 1]),
+              "iscrowd": torch.zeros(3, dtype=torch.bool)}
+    return [(torch.rand(3, size, size, generator=generator), dict(target, image_id=i)) for i in range(num_images)]
+
+
+def small_model(norm_layer=nn.BatchNorm2d):
+    backbone = fc.resnet_fpn_backbone(blocks=(1, 1, 1, 1), width=8, fpn_channels=16, norm_layer=norm_layer)
+    return fc.FasterRCNN(3, backbone=backbone, min_size=128, max_size=128, representation_size=32,
+                         anchor_sizes=(16, 32, 64, 128, 256))
+
+
+class PlantedRPN(nn.Module):
+    """Stands in for the RPN: the same three proposals for every image, in any mode."""
+    proposals = torch.tensor([[12., 10, 50, 50],     # on A, IoU 0.95
+                              [60., 60, 120, 84],    # on B, IoU 0.4: not a proposal of B
+                              [0., 100, 20, 128]])   # on nothing
+
+    def forward(self, batch_shape, image_sizes, features, targets=None):
+        n = len(image_sizes)
+        zero = features[0].sum() * 0
+        losses = {"rpn_objectness": zero, "rpn_box": zero} if self.training else {}
+        return [self.proposals.clone() for _ in range(n)], [torch.ones(3) for _ in range(n)], losses
+
+
+def test_dashboard_counts_by_hand():
+    model = small_model()
+    model.rpn = PlantedRPN()
+    result = fc.epoch_dashboard(model, planted_dataset(2), device="cpu", batch_size=2)
+    # recall: only A has a proposal at IoU >= 0.5, in each of the 2 images
+    assert result["rpn_recall"] == pytest.approx(2 / 6)
+    # positive RoIs per image: the proposal on A, and A, B, C themselves (joined): 3 of 4 are gts
+    assert result["gt_share"] == pytest.approx(6 / 8)
+    # 6 RoIs an image (3 proposals + 3 gts), all under 224 / 4 px: every one pools from P2
+    assert result["roi_levels"] == [12, 0, 0, 0]
+    assert set(result["val_losses"]) == set(fc.LOSS_NAMES)
+    assert result["val_losses"]["rpn_objectness"] == 0.0 and result["val_losses"]["roi_classifier"] > 0
+
+
+def test_dashboard_leaves_every_weight_buffer_and_the_random_state_untouched():
+    model = small_model(nn.BatchNorm2d)  # BatchNorm's running statistics move in a train-mode forward
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    result = fc.epoch_dashboard(model, planted_dataset(3), device="cpu", batch_size=2)
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(np.isfinite(v) for v in result["val_losses"].values())
+    assert all(p.grad is None for p in model.parameters())

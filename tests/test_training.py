@@ -46,6 +46,16 @@ def test_train_writes_checkpoints_and_metrics(smoke_run):
     assert not model.training and ckpt["epoch"] == 2 and ckpt["class_names"][0] == "__background__"
 
 
+def test_metrics_json_holds_the_dashboard(smoke_run):
+    """Per epoch: training and validation losses, the RPN's recall, the gt share, the RoI levels."""
+    out, _ = smoke_run
+    for epoch in json.loads((out / "metrics.json").read_text())["epochs"]:
+        assert set(epoch["train_losses"]) == set(epoch["val_losses"]) == set(fc.LOSS_NAMES)
+        assert all(v >= 0 for v in epoch["val_losses"].values())
+        assert 0 <= epoch["rpn_recall"] <= 1 and 0 <= epoch["gt_share"] <= 1
+        assert len(epoch["roi_levels"]) == 4 and sum(epoch["roi_levels"]) > 0
+
+
 def test_resume_ends_with_the_same_weights(tmp_path):
     """Stopped after epoch 1 and resumed == the uninterrupted 2-epoch run, to the last bit
     (deterministic mode on the CPU)."""
