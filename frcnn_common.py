@@ -3834,7 +3834,7 @@ def size_group(record: dict) -> str:
 
 # ---- the training dashboard --------------------------------------------------------------------
 
-DASHBOARD_IMAGES = 64  # validation images the dashboard reads after each epoch: a few seconds on a CPU
+DASHBOARD_IMAGES = 32  # validation images the dashboard reads after each epoch: it costs about 3 predictions an image
 LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_classifier", "roi_box")
 
 
