@@ -3497,8 +3497,8 @@ errors become true positives (relabelled, or moved onto their gt), at most one p
 best-scoring one, and only for a gt that nothing matched; the rest of them, and every both,
 dupe and bkg error, are dropped. A miss is fixed by taking its gt out of the count of gts
 (TIDE's MissedError.fix returns (class, -1): one gt fewer). fp_dAP drops every false
-positive; fn_dAP takes every unmatched gt out. A fix can never lower AP, and dAP is clipped
-at 0 as TIDE clips it.
+positive; fn_dAP takes every unmatched gt out. dAP is clipped at 0 as TIDE clips it (a fix
+only adds true positives, drops false ones or removes gts, but a class it empties leaves the mean).
 
 Classes follow section 06: AP50 averages the classes that have ground truth; a class whose gts
 a fix removes entirely counts 0 while it still has detections and drops out when it has none
@@ -3558,7 +3558,7 @@ def _diagnose_image(image: dict) -> tuple[list, np.ndarray]:
     return detections, gt_used
 
 
-def _ap50(images: list, detections: list, num_gt: list, class_ids) -> float:
+def _ap50(detections: list, num_gt: list, class_ids) -> float:
     """AP50 as section 06 computes it, from per-image detections ([label, score, rank, state, gt])
     and per-image {class: number of gts that count}: mean over the classes that had gts
     (class_ids), a class left with no gts counting 0 with detections and nothing without."""
@@ -3598,7 +3598,7 @@ def error_analysis(predictions, targets, *, class_names=None, return_details=Fal
         counts = image["gt_labels"][~image["gt_crowd"]]
         counts_gt.append({int(c): int(n) for c, n in zip(*np.unique(counts, return_counts=True))})
     evaluated = [c for c in class_ids if any(c in counts for counts in counts_gt)]
-    base = _ap50(images, detections, counts_gt, evaluated)
+    base = _ap50(detections, counts_gt, evaluated)
 
     # cls and loc errors compete for their gt: the best-scoring one on a gt nothing matched is the
     # one an oracle would fix (TIDE's BestGTMatch); a gt one of them points at is not a miss.
@@ -3609,18 +3609,16 @@ def error_analysis(predictions, targets, *, class_names=None, return_details=Fal
                 key = (i, det[4])
                 if key not in fixer or det[1] > detections[fixer[key][0]][fixer[key][1]][1]:
                     fixer[key] = (i, k)
-    fixed = set(fixer.values())
-    missed = []
-    for i, (image, (_, gt_used)) in enumerate(zip(images, per_image)):
-        unmatched = np.flatnonzero(~gt_used & ~image["gt_crowd"])
-        missed.append([g for g in unmatched.tolist() if (i, g) not in fixer])
+    chosen = set(fixer.values())
+    unmatched = [np.flatnonzero(~used & ~image["gt_crowd"]).tolist() for image, (_, used) in zip(images, per_image)]
+    missed = [[g for g in gts if (i, g) not in fixer] for i, gts in enumerate(unmatched)]
 
-    def drop_types(types, relabel=False):
+    def fixed(types, relabel=False):  # the detections once an oracle fixed `types`
         out = []
         for i, dets in enumerate(detections):
             kept = []
             for k, det in enumerate(dets):
-                if det[3] in types and (i, k) in fixed and relabel:
+                if det[3] in types and (i, k) in chosen and relabel:
                     gt_label = int(images[i]["gt_labels"][det[4]])
                     kept.append([gt_label if det[3] == "cls" else det[0], det[1], det[2], "tp", -1])
                 elif det[3] not in types:
@@ -3637,18 +3635,17 @@ def error_analysis(predictions, targets, *, class_names=None, return_details=Fal
             out.append(counts)
         return out
 
-    unmatched = [np.flatnonzero(~used & ~image["gt_crowd"]).tolist() for image, (_, used) in zip(images, per_image)]
     errors = {}
     for kind in ERROR_TYPES:
         if kind == "miss":
-            ap = _ap50(images, detections, without_gts(missed), evaluated)
+            ap = _ap50(detections, without_gts(missed), evaluated)
             count = sum(map(len, missed))
         else:
-            ap = _ap50(images, drop_types({kind}, relabel=kind in ("cls", "loc")), counts_gt, evaluated)
+            ap = _ap50(fixed({kind}, relabel=kind in ("cls", "loc")), counts_gt, evaluated)
             count = sum(det[3] == kind for dets in detections for det in dets)
         errors[kind] = {"count": int(count), "dAP": max(ap - base, 0.0)}
-    fp_ap = _ap50(images, drop_types({"cls", "loc", "both", "dupe", "bkg"}), counts_gt, evaluated)
-    fn_ap = _ap50(images, detections, without_gts(unmatched), evaluated)
+    fp_ap = _ap50(fixed({"cls", "loc", "both", "dupe", "bkg"}), counts_gt, evaluated)
+    fn_ap = _ap50(detections, without_gts(unmatched), evaluated)
     result = {"AP50": base, "errors": errors, "fp_dAP": fp_ap - base, "fn_dAP": fn_ap - base}
     if return_details:
         order = {image["image_id"]: i for i, image in enumerate(images)}
