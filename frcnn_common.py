@@ -3713,7 +3713,7 @@ def errors_from_files(gt_path, dets_path) -> dict:
 
 def format_errors(result: dict) -> str:
     """error_analysis's dict as a table, AP values in points (x 100)."""
-    lines = [f"AP50 {100 * result['AP50']:.2f}" + (
+    lines = [f"AP50 {100 * result['AP50']:.2f} (AP values x 100)" + (
         f"   ({result['images']} images, {result['objects']} objects, {result['detections']} detections)"
         if "images" in result else ""),
         f"{'type':<6}{'count':>7}{'dAP':>8}"]
