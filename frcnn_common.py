@@ -9,6 +9,7 @@ opens with a banner (these lines, word for word) and an index of the names it de
     04 roi heads: RoIAlign, level mapping, box head, predictor, RoI sampling and loss, FasterRCNN
     05 training: profiles, the model they build, the training loop, checkpoints, DDP
     06 evaluation: the COCO detection metric, through pycocotools and from scratch
+    08 diagnosis: error types (TIDE), the object funnel, the training dashboard
     Appendix: speed and parity
     Prediction, drawing and the CLI: python -m frcnn_common data | train | evaluate | predict | check-data
 
@@ -2687,13 +2688,17 @@ def predict_dataset(model: nn.Module, dataset, *, device, batch_size: int = 4, p
     return predictions, targets
 
 
-def evaluate_model(model: nn.Module, dataset, *, device, batch_size: int = 4, progress: bool = True) -> dict:
-    """COCO metrics (pycocotools) of the model on a dataset, plus "images" and "seconds"."""
+def evaluate_model(model: nn.Module, dataset, *, device, batch_size: int = 4, progress: bool = True,
+                   return_predictions: bool = False) -> dict:
+    """COCO metrics (pycocotools) of the model on a dataset, plus "images" and "seconds";
+    return_predictions adds "predictions" and "targets" (for error_analysis, section 08)."""
     start = time.perf_counter()
     predictions, targets = predict_dataset(model, dataset, device=device, batch_size=batch_size,
                                            progress=progress)
     metrics = coco_evaluate(predictions, targets, class_names=dataset.class_names)
     metrics["seconds"] = time.perf_counter() - start
+    if return_predictions:
+        metrics["predictions"], metrics["targets"] = predictions, targets
     return metrics
 
 
@@ -2942,6 +2947,11 @@ def end_epoch(run: TrainingRun, *, progress: bool) -> None:
     metrics = evaluate_model(run.model, run.val_set, device=run.device, progress=progress)
     run.epochs.append({"epoch": run.epoch, **{k: metrics[k] for k in COCO_METRIC_KEYS},
                        "train_seconds": run.train_seconds})
+    if isinstance(run.model, FasterRCNN):  # the dashboard of section 08 (not for a torchvision model)
+        steps = run.total_steps // run.cfg.epochs
+        run.epochs[-1]["train_losses"] = {k: float(np.mean(run.history[k][-steps:])) for k in LOSS_NAMES}
+        run.epochs[-1].update(epoch_dashboard(run.model, subset(run.val_set, DASHBOARD_IMAGES), device=run.device,
+                                              batch_size=run.cfg.batch_size))
     is_best = metrics["AP"] > run.best_ap
     run.best_ap = max(run.best_ap, metrics["AP"])
     ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -3349,7 +3359,8 @@ def _greedy_match(ious: np.ndarray, gt_ignore: np.ndarray, gt_crowd: np.ndarray)
     hold many objects). A regular gt beats any ignored one (pycocotools sorts ignored gts last
     and stops at the first of them once it holds a regular match); among equal IoUs the last
     gt wins, as pycocotools' `>=` scan does. A detection matched to an ignored gt is ignored.
-    Returns dt_matched (T, D) and dt_ignore (T, D), both bool.
+    Returns dt_matched (T, D) and dt_ignore (T, D), both bool, and dt_gt (T, D), the gt each
+    detection took (-1: none; section 08 needs it to tell duplicates from other errors).
     """
     num_dt, num_gt = ious.shape
     num_t = len(COCO_IOU_THRESHOLDS)
@@ -3357,8 +3368,9 @@ def _greedy_match(ious: np.ndarray, gt_ignore: np.ndarray, gt_crowd: np.ndarray)
     gt_taken = np.zeros((num_t, num_gt), bool)
     dt_matched = np.zeros((num_t, num_dt), bool)
     dt_ignore = np.zeros((num_t, num_dt), bool)
+    dt_gt = -np.ones((num_t, num_dt), np.int64)
     if num_gt == 0:  # nothing to match: every detection is a false positive (or out of range)
-        return dt_matched, dt_ignore
+        return dt_matched, dt_ignore, dt_gt
     rows = np.arange(num_t)
     for d in range(num_dt):  # greedy: a detection sees only the gts its betters left
         free = (~gt_taken | gt_crowd) & (ious[d] >= thresholds)  # (T, G)
@@ -3370,7 +3382,8 @@ def _greedy_match(ious: np.ndarray, gt_ignore: np.ndarray, gt_crowd: np.ndarray)
         gt_taken[rows[hit], best[hit]] = True
         dt_matched[:, d] = hit
         dt_ignore[:, d] = hit & gt_ignore[best]
-    return dt_matched, dt_ignore
+        dt_gt[hit, d] = best[hit]
+    return dt_matched, dt_ignore, dt_gt
 
 
 def _evaluate_image_class(image: dict, class_id: int):
@@ -3395,7 +3408,7 @@ def _evaluate_image_class(image: dict, class_id: int):
     for lo, hi in COCO_AREA_RANGES.values():
         # crowd gts and gts outside the range are ignored: matching one neither helps nor hurts
         gt_ignore = gt_crowd | (gt_area < lo) | (gt_area > hi)
-        dt_matched, dt_ignore = _greedy_match(ious, gt_ignore, gt_crowd)
+        dt_matched, dt_ignore, _ = _greedy_match(ious, gt_ignore, gt_crowd)
         # an unmatched detection outside the range may belong to a gt outside it: not a false positive
         outside = (pred_area < lo) | (pred_area > hi)
         dt_ignore |= ~dt_matched & outside[None, :]
@@ -3468,6 +3481,455 @@ def average_precision(predictions, targets, *, class_names=None, return_details=
     if return_details:
         metrics.update(_details(precision, recall, class_ids, class_names))
     return metrics
+
+
+# =============================================================================================
+# 08 diagnosis: error types (TIDE), the object funnel, the training dashboard
+# =============================================================================================
+# error_analysis — every false positive and missed object by TIDE's six types, and the AP50 each costs
+# ERROR_TYPES, TIDE_FG_IOU, TIDE_BG_IOU — the types, and the two IoU thresholds that define them
+# read_coco_results, errors_from_files — the `errors` command: any COCO ground truth and results file
+# format_errors — the table that `errors` and `evaluate --errors` print
+# object_funnel, FUNNEL_STAGES — the stage of the model where each ground-truth object was lost
+# funnel_table, size_group — the funnel counted per object size or per class
+# epoch_dashboard, DASHBOARD_IMAGES — per epoch: validation losses, RPN recall, gt share, RoI levels
+"""Section 08, diagnosis. One AP number does not say what to fix; this section says where the
+AP went, on the same matching as section 06 (COCO's greedy matching at IoU 0.5, 101 recall
+points, the best 100 detections per image and class).
+
+Error types (Bolya et al., 2020, "TIDE: A General Toolbox for Identifying Object Detection
+Errors", Sec. 2.2; foreground IoU t_f = 0.5, background IoU t_b = 0.1). Each false positive,
+tested in this order as TIDE's reference code (dbolya/tide, tidecv/quantify.py) tests it:
+
+    loc   its own class's best gt has t_b <= IoU <= t_f          (right class, box off)
+    cls   a gt of another class has IoU >= t_f                   (right box, wrong class)
+    dupe  a gt of its class, already matched, has IoU >= t_f     (a second detection of it)
+    bkg   no gt has IoU > t_b (or the image has no gt)           (detected background)
+    both  anything else: a wrong class and a box off             (t_b < IoU < t_f, other class)
+    miss  a gt that nothing matched, and no cls or loc error points at
+
+dAP of a type is the AP50 gained when an oracle fixes that type alone (Sec. 2.3): cls and loc
+errors become true positives (relabelled, or moved onto their gt), at most one per gt, the
+best-scoring one, and only for a gt that nothing matched; the rest of them, and every both,
+dupe and bkg error, are dropped. A miss is fixed by taking its gt out of the count of gts
+(TIDE's MissedError.fix returns (class, -1): one gt fewer). fp_dAP drops every false
+positive; fn_dAP takes every unmatched gt out. dAP is clipped at 0 as TIDE clips it (a fix
+only adds true positives, drops false ones or removes gts, but a class it empties leaves the mean).
+
+Classes follow section 06: AP50 averages the classes that have ground truth; a class whose gts
+a fix removes entirely counts 0 while it still has detections and drops out when it has none
+(as in TIDE's ClassedAPDataObject). Crowd gts are neither errors nor misses: a detection on one
+is ignored, as in the AP.
+"""
+
+ERROR_TYPES = ("cls", "loc", "both", "dupe", "bkg", "miss")
+TIDE_FG_IOU = 0.5  # t_f: at or above it a box is on its object
+TIDE_BG_IOU = 0.1  # t_b: at or below it a box is on the background
+
+
+def _diagnose_image(image: dict) -> tuple[list, np.ndarray]:
+    """One image (from _evaluation_inputs): COCO's matching at IoU 0.5, then TIDE's type of each
+    false positive. Returns (detections, gt_used): detections a list of [label, score, rank,
+    state, gt] for the detections that section 06 keeps (the best 100 per class), state "tp",
+    "ignore" (matched a crowd gt) or an error type, gt the image's gt index the error points at
+    (-1: none); gt_used (G,) bool, the gts a true positive matched."""
+    gt_boxes, gt_labels = image["gt_boxes"], image["gt_labels"]
+    lo, hi = COCO_AREA_RANGES["all"]
+    gt_ignore = image["gt_crowd"] | (image["gt_area"] < lo) | (image["gt_area"] > hi)  # (G,)
+    gt_used = np.zeros(len(gt_boxes), bool)
+    detections = []
+    t50 = 0  # row of IoU 0.5 in _greedy_match's (T, D) answers
+    for class_id in np.union1d(gt_labels, image["pred_labels"]):
+        is_dt, gt_index = np.flatnonzero(image["pred_labels"] == class_id), np.flatnonzero(gt_labels == class_id)
+        # the order and cap of _evaluate_image_class: descending score, ties in input order
+        is_dt = is_dt[np.argsort(-image["pred_scores"][is_dt], kind="mergesort")[:max(COCO_MAX_DETS)]]
+        ious = _coco_iou(image["pred_boxes"][is_dt], gt_boxes[gt_index], image["gt_crowd"][gt_index])  # (D, G_c)
+        matched, ignored, took = _greedy_match(ious, gt_ignore[gt_index], image["gt_crowd"][gt_index])
+        for j, d in enumerate(is_dt):
+            state = "ignore" if ignored[t50, j] else "tp" if matched[t50, j] else "fp"
+            if state == "tp":
+                gt_used[gt_index[took[t50, j]]] = True
+            detections.append([int(class_id), float(image["pred_scores"][d]), int(d), state, -1])
+    # TIDE's tests, on plain IoU against the gts that count (crowd gts are ignore regions there)
+    iou = _coco_iou(image["pred_boxes"], gt_boxes, np.zeros(len(gt_boxes), bool))  # (D_all, G)
+    iou = np.where(gt_ignore[None, :], 0.0, iou)
+    for det in detections:
+        if det[3] != "fp":
+            continue
+        label, d = det[0], det[2]
+        same = gt_labels == label  # (G,)
+        own, other, used = np.where(same, iou[d], 0), np.where(~same, iou[d], 0), np.where(same & gt_used, iou[d], 0)
+        if gt_ignore.all():
+            det[3] = "bkg"  # nothing to find in this image
+        elif TIDE_BG_IOU <= own.max() <= TIDE_FG_IOU:
+            det[3], det[4] = "loc", int(own.argmax())
+        elif other.max() >= TIDE_FG_IOU:
+            det[3], det[4] = "cls", int(other.argmax())
+        elif used.max() >= TIDE_FG_IOU:
+            det[3] = "dupe"
+        elif iou[d].max() <= TIDE_BG_IOU:
+            det[3] = "bkg"
+        else:
+            det[3] = "both"
+    return detections, gt_used
+
+
+def _ap50(detections: list, num_gt: list, class_ids) -> float:
+    """AP50 as section 06 computes it, from per-image detections ([label, score, rank, state, gt])
+    and per-image {class: number of gts that count}: mean over the classes that had gts
+    (class_ids), a class left with no gts counting 0 with detections and nothing without."""
+    aps = []
+    num_t = len(COCO_IOU_THRESHOLDS)
+    for class_id in class_ids:
+        evaluations = []
+        for dets, counts in zip(detections, num_gt):
+            mine = sorted((d for d in dets if d[0] == class_id), key=lambda d: (-d[1], d[2]))
+            scores = np.array([d[1] for d in mine])
+            hit = np.array([d[3] in ("tp", "ignore") for d in mine], bool)
+            ignore = np.array([d[3] == "ignore" for d in mine], bool)
+            evaluations.append((scores, np.tile(hit, (num_t, 1)), np.tile(ignore, (num_t, 1)),
+                                counts.get(class_id, 0)))
+        result = _precision_recall(evaluations, max(COCO_MAX_DETS))
+        if result is not None:
+            aps.append(result[0][0].mean())  # IoU 0.5's row, averaged over the 101 recall points
+        elif any(e[0].size for e in evaluations):
+            aps.append(0.0)
+    return float(np.mean(aps)) if aps else 0.0
+
+
+def error_analysis(predictions, targets, *, class_names=None, return_details=False) -> dict:
+    """TIDE's error types and their dAP (section docstring), on the inputs of average_precision.
+
+    Returns {"AP50": a, "errors": {type: {"count": n, "dAP": x}} for the six ERROR_TYPES,
+    "fp_dAP": x, "fn_dAP": x}, AP values in 0..1; AP50 equals average_precision's (tested).
+    return_details adds "true_positives" (how many detections matched at IoU 0.5) and
+    "detections": per image (in the order of `targets`) a list of (detection index, type or "tp"
+    or "ignore") and "missed", per image the indices of its missed gts.
+    """
+    images, class_ids = _evaluation_inputs(predictions, targets, class_names)
+    per_image = [_diagnose_image(image) for image in images]
+    detections = [dets for dets, _ in per_image]
+    counts_gt = []  # per image {class: gts that count}
+    for image in images:
+        counts = image["gt_labels"][~image["gt_crowd"]]
+        counts_gt.append({int(c): int(n) for c, n in zip(*np.unique(counts, return_counts=True))})
+    evaluated = [c for c in class_ids if any(c in counts for counts in counts_gt)]
+    base = _ap50(detections, counts_gt, evaluated)
+
+    # cls and loc errors compete for their gt: the best-scoring one on a gt nothing matched is the
+    # one an oracle would fix (TIDE's BestGTMatch); a gt one of them points at is not a miss.
+    fixer = {}
+    for i, (dets, gt_used) in enumerate(per_image):
+        for k, det in enumerate(dets):
+            if det[3] in ("cls", "loc") and not gt_used[det[4]]:
+                key = (i, det[4])
+                if key not in fixer or det[1] > detections[fixer[key][0]][fixer[key][1]][1]:
+                    fixer[key] = (i, k)
+    chosen = set(fixer.values())
+    unmatched = [np.flatnonzero(~used & ~image["gt_crowd"]).tolist() for image, (_, used) in zip(images, per_image)]
+    missed = [[g for g in gts if (i, g) not in fixer] for i, gts in enumerate(unmatched)]
+
+    def fixed(types, relabel=False):  # the detections once an oracle fixed `types`
+        out = []
+        for i, dets in enumerate(detections):
+            kept = []
+            for k, det in enumerate(dets):
+                if det[3] in types and (i, k) in chosen and relabel:
+                    gt_label = int(images[i]["gt_labels"][det[4]])
+                    kept.append([gt_label if det[3] == "cls" else det[0], det[1], det[2], "tp", -1])
+                elif det[3] not in types:
+                    kept.append(det)
+            out.append(kept)
+        return out
+
+    def without_gts(gts):  # per image, the gt indices taken out of the count
+        out = []
+        for image, counts, remove in zip(images, counts_gt, gts):
+            counts = dict(counts)
+            for g in remove:
+                counts[int(image["gt_labels"][g])] -= 1
+            out.append(counts)
+        return out
+
+    errors = {}
+    for kind in ERROR_TYPES:
+        if kind == "miss":
+            ap = _ap50(detections, without_gts(missed), evaluated)
+            count = sum(map(len, missed))
+        else:
+            ap = _ap50(fixed({kind}, relabel=kind in ("cls", "loc")), counts_gt, evaluated)
+            count = sum(det[3] == kind for dets in detections for det in dets)
+        errors[kind] = {"count": int(count), "dAP": max(ap - base, 0.0)}
+    fp_ap = _ap50(fixed({"cls", "loc", "both", "dupe", "bkg"}), counts_gt, evaluated)
+    fn_ap = _ap50(detections, without_gts(unmatched), evaluated)
+    result = {"AP50": base, "errors": errors, "fp_dAP": fp_ap - base, "fn_dAP": fn_ap - base}
+    if return_details:
+        order = {image["image_id"]: i for i, image in enumerate(images)}
+        ids = [int(t["image_id"]) if "image_id" in t else n for n, t in enumerate(targets)]
+        result["true_positives"] = sum(det[3] == "tp" for dets in detections for det in dets)
+        result["detections"] = [[(det[2], det[3]) for det in detections[order[i]]] for i in ids]
+        result["missed"] = [missed[order[i]] for i in ids]
+    return result
+
+
+def read_coco_results(path, ground_truth: "CocoDetection") -> list[dict]:
+    """A COCO results file ([{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]) as
+    predictions in the order of ground_truth's images, labels in its 1..K. A result naming an
+    image or category the ground truth lacks, or a bbox that is not 4 finite numbers with
+    w, h >= 0, raises ValueError naming the entry."""
+    try:
+        results = json.loads(pathlib.Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: results file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(results, list):
+        raise ValueError(f"{path}: a COCO results file is a JSON list of detections, got {type(results).__name__}")
+    position = {image_id: i for i, image_id in enumerate(ground_truth.image_ids)}
+    boxes, scores, labels = ([[] for _ in position] for _ in range(3))
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for k, r in enumerate(results):
+        if not isinstance(r, dict) or any(key not in r for key in ("image_id", "category_id", "bbox", "score")):
+            raise ValueError(f"{path}: result {k} needs 'image_id', 'category_id', 'bbox' and 'score'; got {r!r}")
+        bbox = r["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(number, bbox))
+                and bbox[2] >= 0 and bbox[3] >= 0) or not number(r["score"]):
+            raise ValueError(f"{path}: result {k} needs 'bbox' as 4 finite numbers [x, y, w, h] with w, h >= 0 "
+                             f"and a finite 'score'; got bbox {bbox!r}, score {r['score']!r}")
+        if r["image_id"] not in position:
+            raise ValueError(f"{path}: result {k} names image_id {r['image_id']!r}, which the ground truth lacks")
+        if r["category_id"] not in ground_truth.cat_id_to_label:
+            raise ValueError(f"{path}: result {k} names category_id {r['category_id']!r}, which the ground "
+                             f"truth lacks (ids {sorted(ground_truth.cat_id_to_label)})")
+        i = position[r["image_id"]]
+        x, y, w, h = bbox
+        boxes[i].append([x, y, x + w, y + h])  # xywh -> xyxy
+        scores[i].append(r["score"])
+        labels[i].append(ground_truth.cat_id_to_label[r["category_id"]])
+    return [{"boxes": torch.tensor(b, dtype=torch.float64).reshape(-1, 4), "scores": torch.tensor(s, dtype=torch.float64),
+             "labels": torch.tensor(lab, dtype=torch.int64)} for b, s, lab in zip(boxes, scores, labels)]
+
+
+def errors_from_files(gt_path, dets_path) -> dict:
+    """error_analysis of a COCO results file against a COCO ground truth file (the `errors`
+    command): images of the ground truth without objects count, their detections are bkg."""
+    with warnings.catch_warnings():  # the reader warns about boxes it clips: not news here
+        warnings.simplefilter("ignore", DatasetWarning)
+        ground_truth = CocoDetection(pathlib.Path(gt_path).parent, gt_path)
+    predictions = read_coco_results(dets_path, ground_truth)
+    targets = [ground_truth.target(i) for i in range(len(ground_truth))]
+    result = error_analysis(predictions, targets, class_names=ground_truth.class_names)
+    result["images"], result["objects"] = len(targets), int(sum(len(t["boxes"]) for t in targets))
+    result["detections"] = int(sum(len(p["scores"]) for p in predictions))
+    return result
+
+
+def format_errors(result: dict) -> str:
+    """error_analysis's dict as a table, AP values in points (x 100)."""
+    lines = [f"AP50 {100 * result['AP50']:.2f} (AP values x 100)" + (
+        f"   ({result['images']} images, {result['objects']} objects, {result['detections']} detections)"
+        if "images" in result else ""),
+        f"{'type':<6}{'count':>7}{'dAP':>8}"]
+    for kind, e in result["errors"].items():
+        lines.append(f"{kind:<6}{e['count']:>7}{100 * e['dAP']:>8.2f}")
+    lines.append(f"{'FP':<6}{'':>7}{100 * result['fp_dAP']:>8.2f}   every false positive fixed")
+    lines.append(f"{'FN':<6}{'':>7}{100 * result['fn_dAP']:>8.2f}   every missed object fixed")
+    return "\n".join(lines)
+
+
+# ---- the object funnel -------------------------------------------------------------------------
+
+FUNNEL_STAGES = ("rpn", "classification", "localisation", "suppressed", "low_score", "detected")
+
+
+@torch.no_grad()
+def _funnel_batch(model: "FasterRCNN", images: list[Tensor], targets: list[dict], score_threshold: float):
+    """FasterRCNN.forward in eval mode, one part at a time, keeping what each stage saw.
+    Returns the model's detections (in input pixels, exactly what model(images) returns) and,
+    per image, the stage of each gt (G,) as indices into FUNNEL_STAGES (before "detected")."""
+    original_sizes = [tuple(img.shape[-2:]) for img in images]
+    batch, image_sizes, resized = model.transform(images, targets)  # (N, 3, H, W); gts in its pixels
+    backbone = inference_backbone(model) if model.fused_inference else model.backbone  # as forward does
+    features = backbone(batch)  # P2..P6
+    proposals, _, _ = model.rpn(batch.shape[-2:], image_sizes, features)  # the kept top-N, (R_i, 4)
+    heads = model.roi_heads
+    roi_features = heads.box_head(heads.box_roi_pool(features[:4], proposals, image_sizes))  # (R, 1024)
+    class_logits, box_deltas = heads.box_predictor(roi_features)  # (R, K), (R, K*4)
+    boxes = heads.box_coder.decode(box_deltas, torch.cat(proposals))  # (R, K, 4)
+    scores = F.softmax(class_logits, dim=-1)  # (R, K)
+    detections = heads.postprocess(class_logits, box_deltas, proposals, image_sizes)
+    counts = [len(p) for p in proposals]
+    stages = []
+    for props, boxes_i, scores_i, size, det, target in zip(
+            proposals, boxes.split(counts), scores.split(counts), image_sizes, detections, resized):
+        gt_boxes, gt_labels = target["boxes"].to(props), target["labels"]
+        stage = torch.full((len(gt_boxes),), FUNNEL_STAGES.index("suppressed"), dtype=torch.int64)
+        boxes_i = clip_boxes_to_image(boxes_i, size)  # (R_i, K, 4), as postprocess clips
+        for g, (box, label) in enumerate(zip(gt_boxes, gt_labels)):
+            near = box_iou(props, box[None])[:, 0] >= 0.5  # (R_i,) proposals on the object
+            own_boxes = boxes_i[:, label]  # (R_i, 4) each RoI's box for the object's class
+            sized = (own_boxes[:, 2] - own_boxes[:, 0] >= 1e-2) & (own_boxes[:, 3] - own_boxes[:, 1] >= 1e-2)
+            on_box = (box_iou(own_boxes, box[None])[:, 0] >= 0.5) & sized  # (R_i,) after regression
+            scored = scores_i[:, label] > heads.score_thresh  # (R_i,) what postprocess keeps
+            found = (box_iou(det["boxes"], box[None])[:, 0] >= 0.5) & (det["labels"] == label)  # (D_i,)
+            if not near.any():
+                stage[g] = FUNNEL_STAGES.index("rpn")
+            elif not (scored & (near | on_box)).any():
+                stage[g] = FUNNEL_STAGES.index("classification")
+            elif not (scored & on_box).any():
+                stage[g] = FUNNEL_STAGES.index("localisation")
+            elif found.any() and det["scores"][found].max() < score_threshold:
+                stage[g] = FUNNEL_STAGES.index("low_score")
+            # else suppressed: NMS or the per-image cap removed its boxes, or a neighbour took the one left
+        stages.append(stage)
+    return model.transform.postprocess(detections, image_sizes, original_sizes), stages
+
+
+def object_funnel(model: "FasterRCNN", dataset, score_threshold: float = 0.5, *, device=None,
+                  batch_size: int = 4, progress: bool = True) -> list[dict]:
+    """Where each ground-truth object of `dataset` was lost: one record per object (crowd regions
+    are not objects to find), {"image": index, "gt": index in its target, "label", "box" (4,)
+    xyxy input px, "area", "stage"}, stage one of FUNNEL_STAGES, the first that applies:
+
+        detected        a detection scored >= score_threshold matches it (COCO's greedy
+                        matching at IoU 0.5: the true positives of error_analysis, tested)
+        rpn             no proposal among the RPN's kept top-N has IoU >= 0.5 with it
+        classification  no RoI on it (proposal or box at IoU >= 0.5) scores its class above the
+                        box head's score_thresh (the 0.05 below which postprocess drops boxes)
+        localisation    some do, but none of their boxes for its class has IoU >= 0.5 after
+                        regression
+        low_score       a detection of its class at IoU >= 0.5 survives, scored below the threshold
+        suppressed      boxes that would have found it were removed by NMS or the per-image cap
+                        (or the one left was matched to a neighbouring object)
+
+    The model runs part by part (_funnel_batch), the same computation as model(images).
+    """
+    device = device or next(model.parameters()).device
+    model.eval()
+    loader = make_data_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    records, index = [], 0
+    for images, targets in tqdm(loader, desc="funnel", disable=not progress, leave=False):
+        images = [img.to(device) for img in images]
+        on_device = [{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
+        detections, stages = _funnel_batch(model, images, on_device, score_threshold)
+        for det, stage, target in zip(detections, stages, targets):
+            kept = det["scores"].cpu() >= score_threshold
+            prediction = {k: v.cpu()[kept] for k, v in det.items()}
+            image = _evaluation_inputs([prediction], [target])[0][0]
+            _, gt_used = _diagnose_image(image)
+            crowd = target.get("iscrowd", torch.zeros(len(target["boxes"]), dtype=torch.bool))
+            for g, (box, label) in enumerate(zip(target["boxes"].tolist(), target["labels"].tolist())):
+                if crowd[g]:
+                    continue
+                name = "detected" if gt_used[g] else FUNNEL_STAGES[int(stage[g])]
+                records.append({"image": index, "gt": g, "label": int(label), "box": box,
+                                "area": (box[2] - box[0]) * (box[3] - box[1]), "stage": name})
+            index += 1
+    return records
+
+
+def funnel_table(records: list[dict], key) -> dict:
+    """{group: {stage: count}} with stages in FUNNEL_STAGES order; key(record) -> its group."""
+    table = {}
+    for record in records:
+        row = table.setdefault(key(record), dict.fromkeys(FUNNEL_STAGES, 0))
+        row[record["stage"]] += 1
+    return table
+
+
+def size_group(record: dict) -> str:
+    """COCO's size of an object: small (area < 32^2), medium (< 96^2) or large."""
+    return "small" if record["area"] < 32.0**2 else "medium" if record["area"] < 96.0**2 else "large"
+
+
+# ---- the training dashboard --------------------------------------------------------------------
+
+DASHBOARD_IMAGES = 32  # validation images the dashboard reads after each epoch: it costs about 3 predictions an image
+LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_classifier", "roi_box")
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module, device):
+    """Run a block without changing the model: its mode, every buffer (BatchNorm's running
+    statistics move in a train-mode forward) and the random state that training draws from
+    (sampling, multi-scale resizing, the data loader's seed) are as they were afterwards."""
+    was_training = model.training
+    buffers = [b.detach().clone() for b in model.buffers()]
+    devices = [device] if torch.device(device).type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        model.train(was_training)
+
+
+def epoch_dashboard(model: "FasterRCNN", dataset, *, device, batch_size: int = 4) -> dict:
+    """What to watch after each epoch besides AP, on `dataset` (metrics.json keeps it per epoch):
+
+        val_losses      the four losses, computed as training computes them (train mode: the train
+                        top-N proposals, RoI sampling, BatchNorm on the batch), averaged over images
+        rpn_recall      the share of objects with a proposal at IoU >= 0.5 among the RPN's kept
+                        top-N in eval mode: an object without one cannot be detected (the funnel)
+        gt_share        the share of ground-truth boxes among the positive RoIs the box head trains
+                        on (sample_rois joins them): near 1, the RPN finds nothing yet
+        roi_levels      how many sampled RoIs pool from P2, P3, P4, P5 (the level mapper)
+
+    Without gradients, and leaving the model as it was (_untouched): weights, buffers, mode, RNG.
+    The train-mode pass is FasterRCNN.forward's, one part at a time, to read the sampled RoIs.
+    """
+    loader = make_data_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    sums, num_images = dict.fromkeys(LOSS_NAMES, 0.0), 0
+    num_objects = found = positives = gt_positives = 0
+    levels = torch.zeros(4, dtype=torch.int64)
+    heads = model.roi_heads
+    with _untouched(model, device):
+        # first the recall of the kept proposals, as the detector runs them (eval mode, test top-N),
+        # before the train-mode pass moves BatchNorm's running statistics
+        model.eval()
+        backbone = inference_backbone(model) if model.fused_inference else model.backbone
+        for images, targets in loader:
+            images = [img.to(device) for img in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in trainable_targets(targets)]
+            batch, image_sizes, resized = model.transform(images, targets)
+            proposals, _, _ = model.rpn(batch.shape[-2:], image_sizes, backbone(batch))
+            for props, target in zip(proposals, resized):
+                num_objects += len(target["boxes"])
+                if len(target["boxes"]) and len(props):
+                    found += int((box_iou(target["boxes"].to(props), props).max(dim=1).values >= 0.5).sum())
+        model.train()
+        for images, targets in loader:
+            images = [img.to(device) for img in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in trainable_targets(targets)]
+            batch, image_sizes, resized = model.transform(images, targets)  # (N, 3, H, W)
+            features = model.backbone(batch)
+            proposals, _, losses = model.rpn(batch.shape[-2:], image_sizes, features, resized)
+            rois, labels, gt_deltas = heads.sample_rois(proposals, resized)
+            class_logits, box_deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features[:4], rois,
+                                                                                              image_sizes)))
+            losses.update(heads.loss(class_logits, box_deltas, labels, gt_deltas))
+            for name in LOSS_NAMES:  # per-batch means, weighted by the images in the batch
+                sums[name] += losses[name].item() * len(images)
+            num_images += len(images)
+            is_positive = (labels > 0).split([len(r) for r in rois])
+            for rois_i, pos, target in zip(rois, is_positive, resized):
+                gt_boxes = target["boxes"].to(rois_i)
+                is_gt = (rois_i[:, None, :] == gt_boxes[None]).all(-1).any(-1)  # (R_i,) a joined gt box
+                positives += int(pos.sum())
+                gt_positives += int((pos & is_gt).sum())
+            scales = heads.box_roi_pool.level_scales(features[:4], image_sizes)
+            k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
+            levels += torch.bincount(heads.box_roi_pool.map_levels(torch.cat(rois), k_min, k_max).cpu(),
+                                     minlength=4)[:4]
+    return {"val_losses": {name: s / max(num_images, 1) for name, s in sums.items()},
+            "rpn_recall": found / num_objects if num_objects else -1.0,
+            "gt_share": gt_positives / positives if positives else -1.0,
+            "roi_levels": levels.tolist()}
 
 
 # =============================================================================================
@@ -3744,6 +4206,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     data_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--errors", action="store_true", help="also TIDE's error types and their dAP (section 08)")
+
+    p = sub.add_parser("errors", help="TIDE's error types of any COCO results file against a COCO ground truth")
+    p.add_argument("--gt", required=True, help="COCO ground truth (instances_*.json)")
+    p.add_argument("--dets", required=True, help="COCO results file: [{image_id, category_id, bbox, score}, ...]")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     p = sub.add_parser("predict", help="detect objects in images")
     p.add_argument("--checkpoint", required=True)
@@ -3785,6 +4253,12 @@ def main(argv=None) -> int:
             print(f"training stopped: {err}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "errors":
+        result = errors_from_files(resolve(args.gt), resolve(args.dets))
+        print(format_errors(result))
+        if args.json:
+            print(json.dumps({k: result[k] for k in ("AP50", "errors", "fp_dAP", "fn_dAP")}))
+        return 0
     device = torch.device(args.device) if args.device else DEVICE
     model, ckpt = load_checkpoint(args.checkpoint, device)
     if args.command == "evaluate":
@@ -3792,12 +4266,17 @@ def main(argv=None) -> int:
         if args.data:
             cfg = replace(cfg, data=args.data)
         _, val_set = make_datasets(cfg, data_root=args.data_root)
-        metrics = evaluate_model(model, subset(val_set, cfg.max_val_images), device=device)
+        metrics = evaluate_model(model, subset(val_set, cfg.max_val_images), device=device,
+                                 return_predictions=args.errors)
         if list(val_set.class_names) != list(ckpt["class_names"]):
             print("warning: the dataset's classes differ from the checkpoint's", file=sys.stderr)
         summary = {k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "images", "seconds")}
         for key, value in summary.items():
             print(f"{key:>8}: {value:.4f}" if isinstance(value, float) else f"{key:>8}: {value}")
+        if args.errors:
+            summary["errors"] = error_analysis(metrics["predictions"], metrics["targets"],
+                                               class_names=val_set.class_names)
+            print(format_errors(summary["errors"]))
         if args.json:
             print(json.dumps(summary))
         return 0

@@ -47,6 +47,16 @@ def test_train_writes_checkpoints_and_metrics(smoke_run):
     assert not model.training and ckpt["epoch"] == 2 and ckpt["class_names"][0] == "__background__"
 
 
+def test_metrics_json_holds_the_dashboard(smoke_run):
+    """Per epoch: training and validation losses, the RPN's recall, the gt share, the RoI levels."""
+    out, _ = smoke_run
+    for epoch in json.loads((out / "metrics.json").read_text())["epochs"]:
+        assert set(epoch["train_losses"]) == set(epoch["val_losses"]) == set(fc.LOSS_NAMES)
+        assert all(v >= 0 for v in epoch["val_losses"].values())
+        assert 0 <= epoch["rpn_recall"] <= 1 and 0 <= epoch["gt_share"] <= 1
+        assert len(epoch["roi_levels"]) == 4 and sum(epoch["roi_levels"]) > 0
+
+
 def test_resume_ends_with_the_same_weights(tmp_path):
     """Stopped after epoch 1 and resumed == the uninterrupted 2-epoch run, to the last bit
     (deterministic mode on the CPU)."""
@@ -294,3 +304,62 @@ def test_cli_errors_are_clear(tmp_path):
     assert result.returncode != 0 and "nope.pt" in result.stderr
     result = run_cli("train", "--profile", "bogus")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_cli_evaluate_errors(smoke_run):
+    """evaluate --errors adds section 08's error types: those of the same model's predictions."""
+    out, _ = smoke_run
+    result = run_cli("evaluate", "--checkpoint", str(out / "last.pt"), "--errors", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dAP" in result.stdout  # the table
+    errors = json.loads(result.stdout.strip().splitlines()[-1])["errors"]
+    model, _ = fc.load_checkpoint(out / "last.pt")
+    val = fc.subset(fc.make_datasets(SMOKE)[1], SMOKE.max_val_images)
+    direct = fc.error_analysis(*fc.predict_dataset(model, val, device="cpu", progress=False),
+                               class_names=val.class_names)
+    assert errors["AP50"] == pytest.approx(direct["AP50"], abs=1e-9)
+    assert errors["errors"] == direct["errors"]  # JSON round-trips floats exactly
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.5])
+def test_object_funnel_covers_every_object_once_and_agrees_with_error_analysis(smoke_run, threshold):
+    out, _ = smoke_run
+    model, _ = fc.load_checkpoint(out / "last.pt")
+    val = fc.subset(fc.make_datasets(SMOKE)[1], SMOKE.max_val_images)
+    records = fc.object_funnel(model, val, threshold, progress=False)
+    targets = [val[i][1] for i in range(len(val))]
+    objects = {(i, g) for i, t in enumerate(targets) for g in range(len(t["boxes"])) if not t["iscrowd"][g]}
+    assert sorted((r["image"], r["gt"]) for r in records) == sorted(objects)  # each object exactly once
+    assert all(r["stage"] in fc.FUNNEL_STAGES for r in records)
+    predictions, targets = fc.predict_dataset(model, val, device="cpu", progress=False)
+    kept = [{k: v[p["scores"] >= threshold] for k, v in p.items()} for p in predictions]
+    tp = fc.error_analysis(kept, targets, return_details=True)["true_positives"]
+    assert sum(r["stage"] == "detected" for r in records) == tp
+
+
+def test_funnel_runs_the_same_computation_as_the_model(smoke_run):
+    out, _ = smoke_run
+    model, _ = fc.load_checkpoint(out / "last.pt")
+    val = fc.make_datasets(SMOKE)[1]
+    images, targets = zip(*[val[i] for i in range(3)])
+    with torch.no_grad():
+        expected = model(list(images))
+    detections, stages = fc._funnel_batch(model, list(images), list(targets), 0.5)
+    for ours, theirs, stage, target in zip(detections, expected, stages, targets):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(ours[key], theirs[key])
+        assert len(stage) == len(target["boxes"])
+
+
+def test_funnel_blames_the_rpn_when_it_keeps_one_proposal(smoke_run):
+    """A planted loss: with the RPN's kept top-N cut to 1 proposal an image, at most one object an
+    image can have a proposal on it; every other object is lost in the RPN or later."""
+    out, _ = smoke_run
+    model, _ = fc.load_checkpoint(out / "last.pt")
+    model.rpn.post_nms_top_n[False] = 1
+    val = fc.subset(fc.make_datasets(SMOKE)[1], SMOKE.max_val_images)
+    records = fc.object_funnel(model, val, 0.05, progress=False)
+    per_image = fc.funnel_table(records, key=lambda r: r["image"])
+    for image, row in per_image.items():
+        assert sum(row.values()) - row["rpn"] <= 1, (image, row)
+    assert sum(row["rpn"] for row in per_image.values()) >= len(records) - len(per_image)
