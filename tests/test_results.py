@@ -132,7 +132,8 @@ def test_results_section_is_written_from_metrics_json(tmp_path):
     """`make results`: metrics.json -> README's results section, one row per epoch, with the
     fingerprint line; the rest of README untouched."""
     (tmp_path / "metrics.json").write_text(json.dumps(fake_metrics()))
-    (tmp_path / "timings.json").write_text(json.dumps({"profile": "cpu", "total_seconds": 360.0, "complete": True}))
+    (tmp_path / "timings.json").write_text(json.dumps({"profile": "cpu", "total_seconds": 360.0, "complete": True,
+                                                       "load_at_start": 2.31}))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- begin results -->\nold\n<!-- end results -->\nafter\n")
     results_table.main(["results", str(tmp_path / "metrics.json"), "--timings", str(tmp_path / "timings.json"),
@@ -142,6 +143,7 @@ def test_results_section_is_written_from_metrics_json(tmp_path):
     assert rows == ["| 1 | 0.100 | 0.110 | 0.120 | 0.130 | 0.140 | 0.150 | 0.180 | 50 |",
                     "| 2 | 0.200 | 0.210 | 0.220 | 0.230 | 0.240 | 0.250 | 0.280 | 100 |"]
     assert "100 s of training" in text and "6.0 minutes" in text and "2 processes x 2 images" in text
+    assert "Load average when `make run` started: 2.31 (not a quiet machine" in text   # the load goes with the times
     assert text.startswith("intro\n<!-- begin results -->\nMeasured on ") and text.endswith("<!-- end results -->\nafter\n")
     assert "old" not in text
     assert results_guard.fingerprint_line() in text

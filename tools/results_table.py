@@ -79,7 +79,8 @@ def ap_table(first: str, rows: dict) -> list[str]:
                     for label, m in rows.items()]
 
 
-def render_results(metrics: dict, *, date: str, make_run_seconds: float | None = None) -> str:
+def render_results(metrics: dict, *, date: str, make_run_seconds: float | None = None,
+                   load_at_start: float | None = None) -> str:
     cfg = fc.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in metrics["config"].items()})
     epochs = metrics["epochs"]
     if not epochs:
@@ -100,6 +101,10 @@ def render_results(metrics: dict, *, date: str, make_run_seconds: float | None =
                f"counted); final AP {final['AP']:.3f}, AP50 {final['AP50']:.3f}, AP75 {final['AP75']:.3f}.")
     if make_run_seconds is not None:
         summary += f" The whole series, this training included, ran in {make_run_seconds / 60:,.1f} minutes."
+        if load_at_start is not None:
+            summary += (f" Load average when `make run` started: {load_at_start:.2f}"
+                        + (" (a quiet machine)." if load_at_start < 0.5 else
+                           " (not a quiet machine: these times are not for the record)."))
     return "\n".join(lines + ["", summary, fingerprint_line()]) + "\n"
 
 
@@ -144,13 +149,14 @@ def main(argv=None) -> int:
             raise SystemExit(f"{source} not found: train first (make run)")
         metrics = json.loads(source.read_text())
         check_config(metrics["config"], source)
-        make_run_seconds = None
+        make_run_seconds = load_at_start = None
         if args.timings.is_file():
             timings = json.loads(args.timings.read_text())
             if timings.get("profile") == COMMITTED_PROFILE and timings.get("complete"):
-                make_run_seconds = timings["total_seconds"]
+                make_run_seconds, load_at_start = timings["total_seconds"], timings.get("load_at_start")
         date = datetime.date.fromtimestamp(source.stat().st_mtime).isoformat()
-        write_section("results", render_results(metrics, date=date, make_run_seconds=make_run_seconds), args.readme)
+        write_section("results", render_results(metrics, date=date, make_run_seconds=make_run_seconds,
+                                                load_at_start=load_at_start), args.readme)
     else:
         source = args.source or ROOT / "bench" / "side_by_side.json"
         if not source.is_file():

@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_notebooks: no notebooks in {NOTEBOOKS}", file=sys.stderr)
         return 1
     total, timings = 0.0, {}
+    # Timings for the record need a quiet machine: the load when the run starts goes with them.
+    load_at_start = round(os.getloadavg()[0], 2)
+    print(f"load average at the start: {load_at_start} (a run for the record wants it under 0.5)")
     for path in notebooks:
         print(f"{path.name:<28} PROFILE={args.profile} ...", end=" ", flush=True)
         try:
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     # complete: the whole series ran, so total_seconds is the wall time of `make run`
     (pathlib.Path(args.out) / "timings.json").write_text(json.dumps(
         {"profile": args.profile, "notebooks": timings, "total_seconds": round(total, 1),
-         "complete": not args.notebooks}, indent=1) + "\n")
+         "complete": not args.notebooks, "load_at_start": load_at_start}, indent=1) + "\n")
     return 0
 
 
