@@ -80,7 +80,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
              "labels":   Int64Tensor[N]     contiguous class labels 1..K (0 is background),
              "image_id": int,
              "iscrowd":  BoolTensor[N]      COCO crowd regions and VOC 'difficult' objects:
-                                            kept so that evaluation can ignore them}
+                                            training drops them, evaluation ignores them,
+             "area":     FloatTensor[N]     only when the COCO file gives it: the object's area
+                                            (COCO 2017: its segmentation's), which sorts it into
+                                            small / medium / large for APs/APm/APl; without it,
+                                            evaluation uses the box's area}
 
 A box [x1, y1, x2, y2] covers the pixels with x1 <= col < x2 and y1 <= row < y2, so an object
 that fills a W-pixel-wide image has x1 = 0 and x2 = W, and its width is x2 - x1.
@@ -383,12 +387,15 @@ def _warn_repaired(source, clipped_ids, dropped_ids):
     warnings.warn(f"{source}: " + "; ".join(parts), DatasetWarning, stacklevel=4)  # at the reader's caller
 
 
-def _make_target(boxes, labels, iscrowd, image_id):
+def _make_target(boxes, labels, iscrowd, image_id, area=None):
     # Copies, so that a transform that works in place cannot change the dataset.
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "image_id": int(image_id),
-            "iscrowd": torch.tensor(iscrowd, dtype=torch.bool)}
+    target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+              "labels": torch.tensor(labels, dtype=torch.int64),
+              "image_id": int(image_id),
+              "iscrowd": torch.tensor(iscrowd, dtype=torch.bool)}
+    if area is not None:
+        target["area"] = torch.tensor(area, dtype=torch.float32).reshape(-1)
+    return target
 
 
 def _check_size(path, image, width, height, source):
@@ -407,6 +414,7 @@ class DetectionFiles(torch.utils.data.Dataset):
         box_image         Int[A]     the index in `images` of each box (A boxes in all)
         boxes             Float[A, 4] xyxy, 0-based pixel edges (the section's convention)
         labels, iscrowd   Int64[A], Bool[A]
+        area              Float[A] or None: the annotations' own areas (COCO), kept as given
         box_ids           what a warning calls each box (a COCO annotation id, "a.xml/object 0")
         box_files         the annotation file that holds each box (for check-data's report)
     _group_boxes clips the boxes to their images, drops what has nothing left, warns once
@@ -416,7 +424,7 @@ class DetectionFiles(torch.utils.data.Dataset):
     """
     kind = "DetectionFiles"
 
-    def _group_boxes(self, source, box_image, boxes, labels, iscrowd, box_ids, box_files) -> None:
+    def _group_boxes(self, source, box_image, boxes, labels, iscrowd, box_ids, box_files, area=None) -> None:
         box_image = np.asarray(box_image, np.int64).reshape(-1)
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         widths = np.array([self.images[i]["width"] for i in box_image], np.float64)
@@ -440,6 +448,8 @@ class DetectionFiles(torch.utils.data.Dataset):
         self._boxes = np.split(boxes[keep][order], splits)
         self._labels = np.split(labels[keep][order], splits)
         self._iscrowd = np.split(iscrowd[keep][order], splits)
+        self._area = (None if area is None else  # a clipped box keeps its object's area, as COCO's
+                      np.split(np.asarray(area, np.float64)[keep][order], splits))
 
     def __len__(self):
         return len(self.images)
@@ -450,7 +460,7 @@ class DetectionFiles(torch.utils.data.Dataset):
     def target(self, index):
         """The target of image `index` without reading the image (no transforms applied)."""
         return _make_target(self._boxes[index], self._labels[index], self._iscrowd[index],
-                            self.image_ids[index])
+                            self.image_ids[index], None if self._area is None else self._area[index])
 
     def __getitem__(self, index):
         info = self.images[index]
@@ -499,7 +509,10 @@ class CocoDetection(DetectionFiles):
     raise DatasetError naming the file (strict=False: unknown ids are skipped and listed in
     `problems` instead, for check_data). Boxes partly outside their image are clipped, boxes with
     nothing left are dropped, and one DatasetWarning names them. Crowd regions are kept with
-    iscrowd True; images without boxes are kept as negatives.
+    iscrowd True (training drops them, evaluation ignores detections on them); images without
+    boxes are kept as negatives. When the annotations give an 'area', targets carry it (an
+    annotation without one gets its bbox's w * h), and evaluation sorts objects into small,
+    medium and large by it, as COCOeval does.
     """
     kind = "CocoDetection"
 
@@ -553,7 +566,7 @@ class CocoDetection(DetectionFiles):
         self.image_ids = [img["id"] for img in self.images]
 
         anns = data["annotations"]
-        ann_ids, image_index, labels, crowd, boxes = [], [], [], [], []
+        ann_ids, image_index, labels, crowd, boxes, areas = [], [], [], [], [], []
         for k, ann in enumerate(anns):
             ann_id = ann.get("id", f"#{k}") if isinstance(ann, dict) else f"#{k}"
             name = f"annotation {ann_id} (annotations[{k}])"
@@ -570,6 +583,10 @@ class CocoDetection(DetectionFiles):
                            f"in 'categories' (ids {sorted(self.cat_id_to_label)})")
             elif ann["image_id"] not in all_ids:
                 unknown = ("unknown image", f"{name} has image_id {ann['image_id']!r}, which is not in 'images'")
+            area = ann.get("area")
+            if area is not None and not (isinstance(area, (int, float)) and not isinstance(area, bool)
+                                         and math.isfinite(area) and area >= 0):
+                raise bad(f"{name}: 'area' must be a finite number >= 0, got {area!r}")
             if unknown and strict:
                 raise bad(unknown[1])
             if unknown:
@@ -583,8 +600,11 @@ class CocoDetection(DetectionFiles):
             crowd.append(bool(ann.get("iscrowd", 0)))
             x, y, w, h = bbox
             boxes.append([x, y, x + w, y + h])                  # xywh -> xyxy
+            areas.append(area)
+        has_area = any(a is not None for a in areas)            # COCO 2017: the segmentation's area
+        areas = [a if a is not None else (x2 - x1) * (y2 - y1) for a, (x1, y1, x2, y2) in zip(areas, boxes)]
         self._group_boxes(self.ann_file, image_index, boxes, labels, crowd, ann_ids,
-                          [self.ann_file] * len(ann_ids))
+                          [self.ann_file] * len(ann_ids), areas if has_area else None)
 
 
 def _read_coco_json(path):
@@ -2222,6 +2242,9 @@ class DetectionTransform(nn.Module):
             if targets is not None:
                 target = dict(targets[i])  # never modify the caller's dict
                 target["boxes"] = resize_boxes(target["boxes"], image.shape[-2:], resized.shape[-2:])
+                if "area" in target:  # an area scales with both sides
+                    target["area"] = target["area"] * (resized.shape[-2] * resized.shape[-1]
+                                                       / (image.shape[-2] * image.shape[-1]))
                 out_targets.append(target)
         image_sizes = [tuple(img.shape[-2:]) for img in out_images]
         return self.batch(out_images), image_sizes, out_targets
@@ -2567,8 +2590,10 @@ def subset(dataset, limit: int | None):
 
 
 def trainable_targets(targets: list[dict]) -> list[dict]:
-    """Crowd regions and VOC 'difficult' objects are kept for evaluation (which ignores them),
-    but are not objects to learn: the loss sees the rest."""
+    """Crowd regions and VOC 'difficult' objects are kept for evaluation (which ignores
+    detections on them), but training drops them, as torchvision's and Detectron2's references
+    do: anchors and RoIs on a crowd are matched against the other objects only (usually
+    background). The loss sees boxes and labels; 'area' (evaluation's) stays behind."""
     out = []
     for t in targets:
         keep = ~t["iscrowd"].bool() if "iscrowd" in t else torch.ones(len(t["boxes"]), dtype=torch.bool)
