@@ -2062,7 +2062,9 @@ class MultiScaleRoIAlign(nn.Module):
         k = floor(k0 + log2(sqrt(w * h) / 224)),  clamped to the levels at hand
 
     k0 = 4 and 224 because a 224x224 box is an ImageNet-sized object, which a ResNet sees
-    best at C4's stride (16); each halving of the box moves it one level finer.
+    best at C4's stride (16); each halving of the box moves it one level finer. Both are
+    settings (TrainConfig.roi_canonical_size, roi_canonical_level): images and anchors scaled
+    down want a smaller canonical size, or most RoIs pool from P2.
     """
 
     def __init__(self, *, output_size: int = 7, sampling_ratio: int = 2, canonical_size: int = 224,
@@ -2311,6 +2313,8 @@ class FasterRCNN(nn.Module):
                  rpn_score_thresh: float = 0.0,
                  # box head: 7x7 RoIAlign, two 1024-d FC layers, per-class boxes
                  representation_size: int = 1024,
+                 # level mapper (Lin et al., 2017, Eq. 1): a box of roi_canonical_size px pools from P4
+                 roi_canonical_size: int = 224, roi_canonical_level: int = 4,
                  box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
                  box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
                  box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
@@ -2335,7 +2339,8 @@ class FasterRCNN(nn.Module):
             pre_nms_top_n_train=rpn_pre_nms_top_n_train, pre_nms_top_n_test=rpn_pre_nms_top_n_test,
             post_nms_top_n_train=rpn_post_nms_top_n_train, post_nms_top_n_test=rpn_post_nms_top_n_test,
             nms_thresh=rpn_nms_thresh, score_thresh=rpn_score_thresh)
-        roi_pool = MultiScaleRoIAlign(output_size=7, sampling_ratio=2)
+        roi_pool = MultiScaleRoIAlign(output_size=7, sampling_ratio=2, canonical_size=roi_canonical_size,
+                                      canonical_level=roi_canonical_level)
         self.roi_heads = RoIHeads(
             roi_pool, TwoMLPHead(channels * 7 * 7, representation_size),
             FastRCNNPredictor(representation_size, num_classes),
@@ -2465,6 +2470,8 @@ class TrainConfig:
     min_size: int = 800              # short side after resizing
     max_size: int = 1333
     anchor_sizes: tuple = (32, 64, 128, 256, 512)
+    roi_canonical_size: int = 224    # the level mapper's s0 and k0: a RoI of s0 px pools from P_k0,
+    roi_canonical_level: int = 4     # one level finer per halving (torchvision's 224, 4)
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 2000
     rpn_pre_nms_top_n_test: int = 1000
@@ -2526,6 +2533,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> "FasterRCNN":
     backbone.body.freeze(cfg.trainable_backbone_layers)
     return FasterRCNN(num_classes, backbone=backbone, min_size=cfg.min_size, max_size=cfg.max_size,
                       anchor_sizes=tuple(cfg.anchor_sizes), representation_size=cfg.representation_size,
+                      roi_canonical_size=cfg.roi_canonical_size, roi_canonical_level=cfg.roi_canonical_level,
                       rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
                       rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
                       rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
