@@ -2513,9 +2513,11 @@ PROFILES = {
                          rpn_post_nms_top_n_test=100, box_batch_size_per_image=64, epochs=2,
                          batch_size=4, optimizer="adamw", lr=2e-3, weight_decay=1e-4, warmup_iters=5,
                          schedule="cosine", amp=False, max_train_images=16, max_val_images=8),
+    # cpu keeps the level mapper's canonical size 224 though its anchors are halved: scaled with
+    # them (112), it trained worse (bench/level_mapper.json, which notebook 04 prints)
     "cpu": TrainConfig(blocks=(1, 1, 2, 1), width=16, fpn_channels=64, representation_size=256,
                        norm="batch", pretrained_backbone=False, trainable_backbone_layers=5,
-                       min_size=256, max_size=400, anchor_sizes=(16, 32, 64, 128, 256),
+                       min_size=256, max_size=400, anchor_sizes=(16, 32, 64, 128, 256), roi_canonical_size=224,
                        rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
                        rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
                        box_batch_size_per_image=128, epochs=10, batch_size=2, cpu_processes=2,

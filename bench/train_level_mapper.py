@@ -8,7 +8,7 @@ same initial weights, same data, same schedule, the same training loop run the s
 frcnn_common.train_in_processes), and writes both APs to bench/level_mapper.json, which notebook
 04 prints beside the profile's choice.
 
-    python bench/train_level_mapper.py [--sizes 224 112] [--epochs N] [--out runs/level_mapper]
+    python bench/train_level_mapper.py [--sizes 224 112] [--epochs N] [--seed S] [--out runs/level_mapper]
 
 With --epochs N both sides train N epochs, the schedule fitted to N. The json is rewritten after
 each training, so a run cut short keeps the sides that finished.
@@ -34,15 +34,18 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", choices=sorted(fc.PROFILES), default="cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 112])
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="instead of the profile's (another draw)")
     parser.add_argument("--out", default="runs/level_mapper")
     parser.add_argument("--json", default=str(JSON))
     args = parser.parse_args(argv)
     profile_cfg = fc.PROFILES[args.profile]
-    cfg = replace(profile_cfg, epochs=args.epochs) if args.epochs else profile_cfg
+    cfg = replace(profile_cfg, epochs=args.epochs or profile_cfg.epochs,
+                  seed=profile_cfg.seed if args.seed is None else args.seed)
     out = fc.resolve(args.out)
     from tools.results_table import machine
     command = (f"python bench/train_level_mapper.py --profile {args.profile} --sizes "
-               + " ".join(map(str, args.sizes)) + (f" --epochs {args.epochs}" if args.epochs else ""))
+               + " ".join(map(str, args.sizes)) + (f" --epochs {args.epochs}" if args.epochs else "")
+               + (f" --seed {args.seed}" if args.seed is not None else ""))
     results = {}
     for size in args.sizes:
         side = replace(cfg, roi_canonical_size=size)
