@@ -2063,8 +2063,9 @@ class MultiScaleRoIAlign(nn.Module):
 
     k0 = 4 and 224 because a 224x224 box is an ImageNet-sized object, which a ResNet sees
     best at C4's stride (16); each halving of the box moves it one level finer. Both are
-    settings (TrainConfig.roi_canonical_size, roi_canonical_level): images and anchors scaled
-    down want a smaller canonical size, or most RoIs pool from P2.
+    settings (TrainConfig.roi_canonical_size, roi_canonical_level): on smaller images most RoIs
+    pool from P2, which a smaller canonical size would spread out (the `cpu` profile measured
+    both and kept 224: bench/level_mapper.json).
     """
 
     def __init__(self, *, output_size: int = 7, sampling_ratio: int = 2, canonical_size: int = 224,
@@ -2313,7 +2314,8 @@ class FasterRCNN(nn.Module):
                  rpn_score_thresh: float = 0.0,
                  # box head: 7x7 RoIAlign, two 1024-d FC layers, per-class boxes
                  representation_size: int = 1024,
-                 # level mapper (Lin et al., 2017, Eq. 1): a box of roi_canonical_size px pools from P4
+                 # level mapper (Lin et al., 2017, Eq. 1): a box of roi_canonical_size px pools from
+                 # P_roi_canonical_level, one level finer per halving
                  roi_canonical_size: int = 224, roi_canonical_level: int = 4,
                  box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
                  box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
