@@ -81,7 +81,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
              "labels":   Int64Tensor[N]     contiguous class labels 1..K (0 is background),
              "image_id": int,
              "iscrowd":  BoolTensor[N]      COCO crowd regions and VOC 'difficult' objects:
-                                            kept so that evaluation can ignore them}
+                                            training drops them, evaluation ignores them,
+             "area":     FloatTensor[N]     only when the COCO file gives it: the object's area
+                                            (COCO 2017: its segmentation's), which sorts it into
+                                            small / medium / large for APs/APm/APl; without it,
+                                            evaluation uses the box's area}
 
 A box [x1, y1, x2, y2] covers the pixels with x1 <= col < x2 and y1 <= row < y2, so an object
 that fills a W-pixel-wide image has x1 = 0 and x2 = W, and its width is x2 - x1.
@@ -387,12 +391,15 @@ def _warn_repaired(source, clipped_ids, dropped_ids):
     warnings.warn(f"{source}: " + "; ".join(parts), DatasetWarning, stacklevel=4)  # at the reader's caller
 
 
-def _make_target(boxes, labels, iscrowd, image_id):
+def _make_target(boxes, labels, iscrowd, image_id, area=None):
     # Copies, so that a transform that works in place cannot change the dataset.
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "image_id": int(image_id),
-            "iscrowd": torch.tensor(iscrowd, dtype=torch.bool)}
+    target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+              "labels": torch.tensor(labels, dtype=torch.int64),
+              "image_id": int(image_id),
+              "iscrowd": torch.tensor(iscrowd, dtype=torch.bool)}
+    if area is not None:
+        target["area"] = torch.tensor(area, dtype=torch.float32).reshape(-1)
+    return target
 
 
 def _check_size(path, image, width, height, source):
@@ -411,6 +418,7 @@ class DetectionFiles(torch.utils.data.Dataset):
         box_image         Int[A]     the index in `images` of each box (A boxes in all)
         boxes             Float[A, 4] xyxy, 0-based pixel edges (the section's convention)
         labels, iscrowd   Int64[A], Bool[A]
+        area              Float[A] or None: the annotations' own areas (COCO), kept as given
         box_ids           what a warning calls each box (a COCO annotation id, "a.xml/object 0")
         box_files         the annotation file that holds each box (for check-data's report)
     _group_boxes clips the boxes to their images, drops what has nothing left, warns once
@@ -420,7 +428,7 @@ class DetectionFiles(torch.utils.data.Dataset):
     """
     kind = "DetectionFiles"
 
-    def _group_boxes(self, source, box_image, boxes, labels, iscrowd, box_ids, box_files) -> None:
+    def _group_boxes(self, source, box_image, boxes, labels, iscrowd, box_ids, box_files, area=None) -> None:
         box_image = np.asarray(box_image, np.int64).reshape(-1)
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         widths = np.array([self.images[i]["width"] for i in box_image], np.float64)
@@ -444,6 +452,8 @@ class DetectionFiles(torch.utils.data.Dataset):
         self._boxes = np.split(boxes[keep][order], splits)
         self._labels = np.split(labels[keep][order], splits)
         self._iscrowd = np.split(iscrowd[keep][order], splits)
+        self._area = (None if area is None else  # a clipped box keeps its object's area, as COCO's
+                      np.split(np.asarray(area, np.float64)[keep][order], splits))
 
     def __len__(self):
         return len(self.images)
@@ -454,7 +464,7 @@ class DetectionFiles(torch.utils.data.Dataset):
     def target(self, index):
         """The target of image `index` without reading the image (no transforms applied)."""
         return _make_target(self._boxes[index], self._labels[index], self._iscrowd[index],
-                            self.image_ids[index])
+                            self.image_ids[index], None if self._area is None else self._area[index])
 
     def __getitem__(self, index):
         info = self.images[index]
@@ -503,7 +513,10 @@ class CocoDetection(DetectionFiles):
     raise DatasetError naming the file (strict=False: unknown ids are skipped and listed in
     `problems` instead, for check_data). Boxes partly outside their image are clipped, boxes with
     nothing left are dropped, and one DatasetWarning names them. Crowd regions are kept with
-    iscrowd True; images without boxes are kept as negatives.
+    iscrowd True (training drops them, evaluation ignores detections on them); images without
+    boxes are kept as negatives. When the annotations give an 'area', targets carry it (an
+    annotation without one gets its bbox's w * h), and evaluation sorts objects into small,
+    medium and large by it, as COCOeval does.
     """
     kind = "CocoDetection"
 
@@ -557,7 +570,7 @@ class CocoDetection(DetectionFiles):
         self.image_ids = [img["id"] for img in self.images]
 
         anns = data["annotations"]
-        ann_ids, image_index, labels, crowd, boxes = [], [], [], [], []
+        ann_ids, image_index, labels, crowd, boxes, areas = [], [], [], [], [], []
         for k, ann in enumerate(anns):
             ann_id = ann.get("id", f"#{k}") if isinstance(ann, dict) else f"#{k}"
             name = f"annotation {ann_id} (annotations[{k}])"
@@ -574,6 +587,10 @@ class CocoDetection(DetectionFiles):
                            f"in 'categories' (ids {sorted(self.cat_id_to_label)})")
             elif ann["image_id"] not in all_ids:
                 unknown = ("unknown image", f"{name} has image_id {ann['image_id']!r}, which is not in 'images'")
+            area = ann.get("area")
+            if area is not None and not (isinstance(area, (int, float)) and not isinstance(area, bool)
+                                         and math.isfinite(area) and area >= 0):
+                raise bad(f"{name}: 'area' must be a finite number >= 0, got {area!r}")
             if unknown and strict:
                 raise bad(unknown[1])
             if unknown:
@@ -587,8 +604,11 @@ class CocoDetection(DetectionFiles):
             crowd.append(bool(ann.get("iscrowd", 0)))
             x, y, w, h = bbox
             boxes.append([x, y, x + w, y + h])                  # xywh -> xyxy
+            areas.append(area)
+        has_area = any(a is not None for a in areas)            # COCO 2017: the segmentation's area
+        areas = [a if a is not None else (x2 - x1) * (y2 - y1) for a, (x1, y1, x2, y2) in zip(areas, boxes)]
         self._group_boxes(self.ann_file, image_index, boxes, labels, crowd, ann_ids,
-                          [self.ann_file] * len(ann_ids))
+                          [self.ann_file] * len(ann_ids), areas if has_area else None)
 
 
 def _read_coco_json(path):
@@ -2048,7 +2068,10 @@ class MultiScaleRoIAlign(nn.Module):
         k = floor(k0 + log2(sqrt(w * h) / 224)),  clamped to the levels at hand
 
     k0 = 4 and 224 because a 224x224 box is an ImageNet-sized object, which a ResNet sees
-    best at C4's stride (16); each halving of the box moves it one level finer.
+    best at C4's stride (16); each halving of the box moves it one level finer. Both are
+    settings (TrainConfig.roi_canonical_size, roi_canonical_level): on smaller images most RoIs
+    pool from P2, which a smaller canonical size would spread out (the `cpu` profile measured
+    both and kept 224: bench/level_mapper.json).
     """
 
     def __init__(self, *, output_size: int = 7, sampling_ratio: int = 2, canonical_size: int = 224,
@@ -2236,6 +2259,9 @@ class DetectionTransform(nn.Module):
             if targets is not None:
                 target = dict(targets[i])  # never modify the caller's dict
                 target["boxes"] = resize_boxes(target["boxes"], image.shape[-2:], resized.shape[-2:])
+                if "area" in target:  # an area scales with both sides
+                    target["area"] = target["area"] * (resized.shape[-2] * resized.shape[-1]
+                                                       / (image.shape[-2] * image.shape[-1]))
                 out_targets.append(target)
         image_sizes = [tuple(img.shape[-2:]) for img in out_images]
         return self.batch(out_images), image_sizes, out_targets
@@ -2302,6 +2328,9 @@ class FasterRCNN(nn.Module):
                  rpn_score_thresh: float = 0.0,
                  # box head: 7x7 RoIAlign, two 1024-d FC layers, per-class boxes
                  representation_size: int = 1024,
+                 # level mapper (Lin et al., 2017, Eq. 1): a box of roi_canonical_size px pools from
+                 # P_roi_canonical_level, one level finer per halving
+                 roi_canonical_size: int = 224, roi_canonical_level: int = 4,
                  box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
                  box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
                  box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
@@ -2326,7 +2355,8 @@ class FasterRCNN(nn.Module):
             pre_nms_top_n_train=rpn_pre_nms_top_n_train, pre_nms_top_n_test=rpn_pre_nms_top_n_test,
             post_nms_top_n_train=rpn_post_nms_top_n_train, post_nms_top_n_test=rpn_post_nms_top_n_test,
             nms_thresh=rpn_nms_thresh, score_thresh=rpn_score_thresh)
-        roi_pool = MultiScaleRoIAlign(output_size=7, sampling_ratio=2)
+        roi_pool = MultiScaleRoIAlign(output_size=7, sampling_ratio=2, canonical_size=roi_canonical_size,
+                                      canonical_level=roi_canonical_level)
         self.roi_heads = RoIHeads(
             roi_pool, TwoMLPHead(channels * 7 * 7, representation_size),
             FastRCNNPredictor(representation_size, num_classes),
@@ -2456,6 +2486,8 @@ class TrainConfig:
     min_size: int = 800              # short side after resizing
     max_size: int = 1333
     anchor_sizes: tuple = (32, 64, 128, 256, 512)
+    roi_canonical_size: int = 224    # the level mapper's s0 and k0: a RoI of s0 px pools from P_k0,
+    roi_canonical_level: int = 4     # one level finer per halving (torchvision's 224, 4)
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 2000
     rpn_pre_nms_top_n_test: int = 1000
@@ -2497,9 +2529,11 @@ PROFILES = {
                          rpn_post_nms_top_n_test=100, box_batch_size_per_image=64, epochs=2,
                          batch_size=4, optimizer="adamw", lr=2e-3, weight_decay=1e-4, warmup_iters=5,
                          schedule="cosine", amp=False, max_train_images=16, max_val_images=8),
+    # cpu keeps the level mapper's canonical size 224 though its anchors are halved: scaled with
+    # them (112), it trained worse (bench/level_mapper.json, which notebook 04 prints)
     "cpu": TrainConfig(blocks=(1, 1, 2, 1), width=16, fpn_channels=64, representation_size=256,
                        norm="batch", pretrained_backbone=False, trainable_backbone_layers=5,
-                       min_size=256, max_size=400, anchor_sizes=(16, 32, 64, 128, 256),
+                       min_size=256, max_size=400, anchor_sizes=(16, 32, 64, 128, 256), roi_canonical_size=224,
                        rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
                        rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
                        box_batch_size_per_image=128, epochs=10, batch_size=2, cpu_processes=2,
@@ -2517,6 +2551,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> "FasterRCNN":
     backbone.body.freeze(cfg.trainable_backbone_layers)
     return FasterRCNN(num_classes, backbone=backbone, min_size=cfg.min_size, max_size=cfg.max_size,
                       anchor_sizes=tuple(cfg.anchor_sizes), representation_size=cfg.representation_size,
+                      roi_canonical_size=cfg.roi_canonical_size, roi_canonical_level=cfg.roi_canonical_level,
                       rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
                       rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
                       rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
@@ -2581,8 +2616,10 @@ def subset(dataset, limit: int | None):
 
 
 def trainable_targets(targets: list[dict]) -> list[dict]:
-    """Crowd regions and VOC 'difficult' objects are kept for evaluation (which ignores them),
-    but are not objects to learn: the loss sees the rest."""
+    """Crowd regions and VOC 'difficult' objects are kept for evaluation (which ignores
+    detections on them), but training drops them, as torchvision's and Detectron2's references
+    do: anchors and RoIs on a crowd are matched against the other objects only (usually
+    background). The loss sees boxes and labels; 'area' (evaluation's) stays behind."""
     out = []
     for t in targets:
         keep = ~t["iscrowd"].bool() if "iscrowd" in t else torch.ones(len(t["boxes"]), dtype=torch.bool)

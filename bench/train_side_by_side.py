@@ -59,6 +59,7 @@ def torchvision_detector(cfg: fc.TrainConfig, num_classes: int) -> nn.Module:
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
 
     ours = fc.build_model(cfg, num_classes)  # the same backbone, built and initialised the same way
     channels = ours.backbone.out_channels
@@ -66,6 +67,8 @@ def torchvision_detector(cfg: fc.TrainConfig, num_classes: int) -> nn.Module:
     model = FasterRCNN(
         DictFeatures(ours.backbone), num_classes=None, min_size=cfg.min_size, max_size=cfg.max_size,
         rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=cfg.roi_canonical_size,
+                                        canonical_level=cfg.roi_canonical_level),  # the profile's level mapper
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
         box_batch_size_per_image=cfg.box_batch_size_per_image, box_detections_per_img=cfg.box_detections_per_img,

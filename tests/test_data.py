@@ -263,6 +263,36 @@ def test_coco_bad_boxes_clipped_or_dropped_with_one_warning(tmp_path):
     assert ds[0][1]["boxes"].tolist() == [[5, 5, 15, 15], [35, 25, 40, 30], [0, 2, 2, 5]]
 
 
+def test_coco_area_is_kept_and_follows_the_transforms(tmp_path):
+    """The annotation's own area (a segmentation's, smaller than its box) reaches the target; an
+    annotation without one gets its box's w * h; a clipped box keeps its object's area; the flip
+    keeps it, the model's resize scales it, and training drops it with the crowd regions."""
+    anns = [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [5, 5, 10, 10], "area": 61.5},
+            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [30, 20, 20, 20], "area": 250.0},  # clipped
+            {"id": 3, "image_id": 7, "category_id": 1, "bbox": [1, 2, 3, 4], "iscrowd": 1}]       # no area
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fc.DatasetWarning)
+        ds = fc.CocoDetection(tmp_path / "img", coco_file(tmp_path, anns))
+    target = ds[0][1]
+    assert target["area"].dtype == torch.float32 and target["area"].tolist() == [61.5, 250.0, 12.0]
+    assert target["boxes"][1].tolist() == [30, 20, 40, 30]            # clipped; the area is not
+
+    image, flipped = fc.RandomHorizontalFlip(p=1.0)(ds[0][0], target)
+    assert torch.equal(flipped["area"], target["area"])
+    transform = fc.DetectionTransform(min_size=60, max_size=1000)    # 40x30 -> 80x60: areas x4
+    _, _, (resized,) = transform([image], [flipped])
+    assert resized["area"].tolist() == [246.0, 1000.0, 48.0] and flipped["area"].tolist()[0] == 61.5
+    (trains,) = fc.trainable_targets([target])
+    assert set(trains) == {"boxes", "labels"} and len(trains["boxes"]) == 2
+
+    no_area = [{k: v for k, v in a.items() if k != "area"} for a in anns]    # a file without areas
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fc.DatasetWarning)
+        assert "area" not in fc.CocoDetection(tmp_path / "img", coco_file(tmp_path, no_area)).target(0)
+    with pytest.raises(fc.DatasetError, match="annotation 1.*'area' must be a finite number"):
+        fc.CocoDetection(tmp_path / "img", coco_file(tmp_path, [{**anns[0], "area": "big"}]))
+
+
 def test_coco_clean_file_gives_no_warning(tmp_path):
     anns = [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 40, 30]}]    # the whole image
     with warnings.catch_warnings():

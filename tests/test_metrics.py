@@ -335,3 +335,63 @@ def test_save_coco_results_loads_in_pycocotools(tmp_path):
     assert ann["score"] == pytest.approx(float(predictions[first]["scores"][0]))
     with pytest.raises(ValueError, match="no COCO category id"):
         fc.to_coco_results(predictions, image_ids, {})
+
+
+def test_annotation_areas_sort_objects_by_size_as_pycocotools_does_on_the_file(tmp_path):
+    """COCO's APs/APm/APl sort objects by the annotation's "area" (COCO 2017: the segmentation's),
+    not by the box's. A file whose areas differ from its boxes, read by CocoDetection and scored
+    by both our evaluators, against pycocotools run on the file itself."""
+    from PIL import Image
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(7)
+    categories = [{"id": 3, "name": "a"}, {"id": 8, "name": "b"}]
+    images, annotations, results = [], [], []
+    for image_id in (5, 2, 9, 4):
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 640, "height": 640})
+        Image.new("RGB", (640, 640)).save(tmp_path / f"{image_id}.png")
+        for box in random_boxes(rng, 8):
+            x, y, w, h = box[0], box[1], box[2] - box[0], box[3] - box[1]
+            # an outline fills 0.2..1 of its box, sometimes more (a box trimmed to the image)
+            area = float(w * h * rng.choice([0.2, 0.5, 1.0, 3.0]))
+            cat = int(rng.choice([3, 8]))
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
+                                "bbox": [float(x), float(y), float(w), float(h)], "area": area,
+                                "iscrowd": int(rng.random() < 0.1)})
+            for _ in range(int(rng.integers(0, 3))):  # jittered detections, some duplicates
+                jitter = rng.normal(0, 0.1, size=4) * [w, h, w, h]
+                results.append({"image_id": image_id, "category_id": cat, "score": float(rng.random()),
+                                "bbox": [float(x + jitter[0]), float(y + jitter[1]),
+                                         float(max(w + jitter[2], 1)), float(max(h + jitter[3], 1))]})
+        for box in random_boxes(rng, 3):  # false positives
+            results.append({"image_id": image_id, "category_id": int(rng.choice([3, 8])),
+                            "score": float(rng.random()),
+                            "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]})
+    ann_file = tmp_path / "instances.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+
+    gt = COCO(str(ann_file))
+    coco_eval = COCOeval(gt, gt.loadRes(results), "bbox")
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    reference = dict(zip(fc.COCO_METRIC_KEYS, coco_eval.stats))
+
+    ds = fc.CocoDetection(tmp_path, ann_file)
+    targets = [ds.target(i) for i in range(len(ds))]
+    assert all(t["area"].dtype == torch.float32 for t in targets)
+    predictions = []
+    for image_id in ds.image_ids:
+        mine = [r for r in results if r["image_id"] == image_id]
+        boxes = torch.tensor([r["bbox"] for r in mine], dtype=torch.float64).reshape(-1, 4)
+        predictions.append({"boxes": torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1),
+                            "scores": torch.tensor([r["score"] for r in mine]),
+                            "labels": torch.tensor([ds.cat_id_to_label[r["category_id"]] for r in mine])})
+    for evaluate in (fc.coco_evaluate, fc.average_precision):
+        ours = evaluate(predictions, targets)
+        for key in fc.COCO_METRIC_KEYS:
+            assert ours[key] == pytest.approx(reference[key], abs=1e-4), (evaluate.__name__, key)
+    # the case can tell the two apart: scored by box area, the size metrics differ
+    by_box = fc.average_precision(predictions, [{k: v for k, v in t.items() if k != "area"} for t in targets])
+    assert any(abs(by_box[k] - reference[k]) > 0.01 for k in ("APs", "APm", "APl"))

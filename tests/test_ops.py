@@ -251,3 +251,36 @@ def test_multiscale_roi_align_equals_torchvision():
     ref = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
     expected = ref(OrderedDict((str(i), f) for i, f in enumerate(feats)), boxes, sizes)
     torch.testing.assert_close(fc.MultiScaleRoIAlign()(feats, boxes, sizes), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_canonical_size_is_a_setting_that_reaches_the_mapper():
+    """TrainConfig's roi_canonical_size / roi_canonical_level (s0, k0) reach the model's level
+    mapper: a RoI of side sqrt(wh) pools from k = floor(k0 + log2(sqrt(wh) / s0)), clamped to
+    P2..P5, and the whole pooler equals torchvision's configured the same way. The defaults are
+    torchvision's."""
+    import inspect
+    from collections import OrderedDict
+    from dataclasses import replace
+
+    reference = inspect.signature(torchvision.ops.MultiScaleRoIAlign).parameters
+    assert (fc.TrainConfig().roi_canonical_size, fc.TrainConfig().roi_canonical_level) == (
+        reference["canonical_scale"].default, reference["canonical_level"].default) == (224, 4)
+    default_pool = fc.build_model(fc.PROFILES["smoke"], 3).roi_heads.box_roi_pool
+    assert (default_pool.canonical_size, default_pool.canonical_level) == (224, 4)
+
+    sides = torch.tensor([8.0, 20, 55, 56, 111, 112, 150, 223, 224, 300, 448, 1000])
+    boxes = torch.stack([torch.zeros_like(sides), torch.zeros_like(sides), sides, sides], 1)
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(1, 4, 448 // s, 448 // s, generator=g) for s in (4, 8, 16, 32)]
+    levels = {}
+    for s0, k0 in ((112, 4), (224, 4), (160, 5)):
+        cfg = replace(fc.PROFILES["smoke"], roi_canonical_size=s0, roi_canonical_level=k0)
+        pool = fc.build_model(cfg, 3).roi_heads.box_roi_pool
+        expected = [min(max(math.floor(k0 + math.log2(s / s0) + 1e-6), 2), 5) - 2 for s in sides.tolist()]
+        levels[s0] = pool.map_levels(boxes, 2, 5).tolist()
+        assert levels[s0] == expected, (s0, k0)
+        tv = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=s0, canonical_level=k0)
+        torch.testing.assert_close(pool(feats, [boxes], [(448, 448)]),
+                                   tv(OrderedDict(zip("0123", feats)), [boxes], [(448, 448)]), atol=1e-5, rtol=1e-5)
+    # halving s0 moves every RoI that is not clamped one level coarser: 112 px from P3 to P4
+    assert levels[112][5] == 2 and levels[224][5] == 1
