@@ -11,7 +11,7 @@ opens with a banner (these lines, word for word) and an index of the names it de
     06 evaluation: the COCO detection metric, through pycocotools and from scratch
     Appendix: speed and parity
     09 deployment: one ONNX file, pixels in, detections out; onnxruntime; predict --onnx
-    Prediction, drawing and the CLI: python -m frcnn_common data | train | evaluate | predict | check-data
+    Prediction, drawing and the CLI: python -m frcnn_common data | train | evaluate | predict | check-data | export
 
 Conventions, said once:
 - Boxes are (x1, y1, x2, y2) in absolute pixels ("xyxy"), float32.
@@ -3904,11 +3904,11 @@ class OnnxDetector:
 
 
 # =============================================================================================
-# Prediction, drawing and the CLI: python -m frcnn_common data | train | evaluate | predict | check-data
+# Prediction, drawing and the CLI: python -m frcnn_common data | train | evaluate | predict | check-data | export
 # =============================================================================================
 # draw_boxes — an image and its xyxy boxes on a matplotlib axis, boxes on pixel edges
 # predict_images — detections on image files, drawn and written as json
-# main — python -m frcnn_common data | train | evaluate | predict
+# main — python -m frcnn_common data | train | evaluate | predict | check-data | export
 
 def predict_images(model: nn.Module, paths, *, out_dir, class_names, device, score_thresh: float = 0.5,
                    progress: bool = True) -> list[dict]:
@@ -4015,11 +4015,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     p = sub.add_parser("predict", help="detect objects in images")
-    p.add_argument("--checkpoint", required=True)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint")
+    model.add_argument("--onnx", metavar="MODEL_ONNX", help="a model that export wrote, run in onnxruntime")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", default="runs/predict")
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--device", default=None)
+
+    p = sub.add_parser("export", help="write a checkpoint as one ONNX file (pixels in, detections out)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, metavar="MODEL_ONNX")
     return parser
 
 
@@ -4053,6 +4059,20 @@ def main(argv=None) -> int:
         except TrainingDiverged as err:
             print(f"training stopped: {err}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "predict" and args.onnx:   # onnxruntime alone: no torch model is built
+        detector = OnnxDetector(args.onnx)
+        predict_images(detector, args.images, out_dir=resolve(args.out), class_names=detector.class_names,
+                       device="cpu", score_thresh=args.score_thresh)
+        print(f"wrote {len(args.images)} image(s) and predictions.json to {resolve(args.out)}")
+        return 0
+    if args.command == "export":
+        model, ckpt = load_checkpoint(args.checkpoint)
+        try:
+            path = export_onnx(model, resolve(args.out), class_names=ckpt["class_names"])
+        except OSError as err:
+            raise ValueError(f"cannot write {args.out}: {err.strerror or err}") from None
+        print(f"wrote {path} (opset {ONNX_OPSET}; input image [3, H, W], outputs boxes, scores, labels)")
         return 0
     device = torch.device(args.device) if args.device else DEVICE
     model, ckpt = load_checkpoint(args.checkpoint, device)
