@@ -3849,6 +3849,9 @@ def export_onnx(model: "FasterRCNN", path, *, class_names=None, example_size: tu
     names = [str(i) for i in range(model.num_classes)] if class_names is None else [str(n) for n in class_names]
     if len(names) != model.num_classes:
         raise ValueError(f"{len(names)} class names for a model of {model.num_classes} classes")
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        from copy import deepcopy
+        model = deepcopy(model).cpu()  # the trace runs on the CPU (so does onnxruntime here)
     detector = ExportableDetector(model)
     example = torch.rand(3, *example_size, generator=torch.Generator().manual_seed(0))
     buffer = io.BytesIO()
@@ -3859,6 +3862,7 @@ def export_onnx(model: "FasterRCNN", path, *, class_names=None, example_size: tu
                           input_names=["image"], output_names=outputs,
                           dynamic_axes={"image": {1: "height", 2: "width"}, **{o: {0: "detections"} for o in outputs}})
     proto = onnx.load_from_string(buffer.getvalue())
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4  # boxes [N, 4]: the trace loses the 4
     for key, value in {"class_names": json.dumps(names), "min_size": str(model.transform.min_size[-1]),
                        "max_size": str(model.transform.max_size)}.items():
         entry = proto.metadata_props.add()

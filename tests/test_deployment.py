@@ -32,7 +32,6 @@ pytest.importorskip("onnxruntime")
 ROOT = pathlib.Path(fc.__file__).resolve().parent
 SMOKE = replace(fc.PROFILES["smoke"], num_workers=0)
 BOX_ATOL, SCORE_ATOL = 1e-2, 1e-4
-SMOKE_SCORE_THRESH = 0.05  # FasterRCNN's box_score_thresh, which the smoke profile keeps
 # never the export's 300x400: smaller and larger than the resize size, landscape and portrait
 SIZES = [(120, 200), (300, 170), (90, 60), (420, 560)]
 
@@ -125,12 +124,12 @@ def test_torchvision_weights_same_detections_on_new_sizes(from_torchvision):
 
 def test_trained_checkpoint_same_detections_on_new_sizes(trained):
     _, model, _, onnx_path = trained
-    model.roi_heads.score_thresh = 0.0  # compare every box the trained model scores, confident or not
+    saved, model.roi_heads.score_thresh = model.roi_heads.score_thresh, 0.0  # every box, confident or not
     try:
         path = fc.export_onnx(model, onnx_path.with_name("all.onnx"))
         counts = check_model(model, path)
     finally:
-        model.roi_heads.score_thresh = SMOKE_SCORE_THRESH
+        model.roi_heads.score_thresh = saved
     assert min(counts) > 0
 
 
@@ -140,11 +139,11 @@ def test_trained_checkpoint_same_detections_on_new_sizes(trained):
 def test_no_detections(trained, tmp_path):
     """N = 0 is an answer the graph gives: boxes (0, 4), scores (0,), labels (0,)."""
     _, model, _, _ = trained
-    model.roi_heads.score_thresh = 1.0  # no softmax score passes: nothing is detected, whatever the image
+    saved, model.roi_heads.score_thresh = model.roi_heads.score_thresh, 1.0  # no softmax score passes
     try:
         path = fc.export_onnx(model, tmp_path / "none.onnx")
     finally:
-        model.roi_heads.score_thresh = SMOKE_SCORE_THRESH
+        model.roi_heads.score_thresh = saved
     detector = fc.OnnxDetector(path)
     for image in images()[:2]:
         det = detector([image])[0]
