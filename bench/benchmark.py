@@ -378,7 +378,7 @@ def markdown_report(args, machine, date, peak, inference, training, memory, flop
 def deploy_report(machine, date, runs, inference, parity_lines) -> str:
     """README's Deploy table: ours eager, ours in onnxruntime, torchvision eager, as ratios."""
     lines = ["### Ours in onnxruntime against ours and torchvision in PyTorch (eager)", "",
-             f"{date}; {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch threads and as many "
+             f"{date}; {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch thread(s) and as many "
              f"onnxruntime intra-op threads; torch {machine['torch']}, onnxruntime {machine.get('onnxruntime')}; "
              f"the same weights (torchvision's detector, randomly initialised); one process, "
              f"median of {runs} interleaved runs after a warm-up; the 600 x 512 sample photo.", "",
