@@ -41,6 +41,7 @@ lab: venv
 bench: venv
 	$(PYTHON) bench/benchmark.py
 	$(PYTHON) tools/readme_section.py bench bench/results.md
+	$(PYTHON) tools/readme_section.py deploy_bench bench/deploy_results.md
 
 # Build outputs and caches only: images/ (committed), data/ (the dataset), runs/ (checkpoints)
 # and .venv/ stay.

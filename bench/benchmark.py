@@ -5,6 +5,7 @@ side by side, with the same weights and the same inputs.
     python bench/benchmark.py --quick              # a smoke pass: one small size, 2 runs
     python bench/benchmark.py --device cuda --amp  # on a GPU, bf16 autocast
     python bench/benchmark.py --inference-only     # no training step
+    python bench/benchmark.py --no-onnx            # without ours in onnxruntime (section 09)
 
 What it measures, and how:
 - Models. torchvision's detector is built as it is with pretrained weights (ResNet50-FPN,
@@ -45,6 +46,12 @@ What it measures, and how:
   labels, scores within 1e-4, boxes within 1e-3 px (ours plain, torchvision's arithmetic
   order) and 1e-2 px (ours, whose folding and layout reorder float sums). Training: the same
   four losses within 1e-4 relative (ours plain) and 1e-3 (ours, channels_last: reordered sums).
+
+- Deployment (CPU, unless --no-onnx). "ours onnxruntime": ours exported with fc.export_onnx
+  (one export per size: the resize size is part of the graph) and run by fc.OnnxDetector in
+  onnxruntime's CPUExecutionProvider, its intra-op threads set to torch's. Timed in the same
+  interleaved rounds as the others, after the same warm-up; its detections must be ours
+  (boxes within 1e-2 px, scores within 1e-4). Its table goes to bench/deploy_results.md.
 
 It prints a table, writes it to bench/results.md (machine and date named), and ends with one
 JSON line: the ratios (ours / torchvision time, speedup, memory ratio) and the machine.
@@ -88,6 +95,7 @@ LOSS_RTOL = {"ours plain": 1e-4, "ours": 1e-3}  # the first training step's loss
 LOSS_NAMES = {"rpn_objectness": "loss_objectness", "rpn_box": "loss_rpn_box_reg",
               "roi_classifier": "loss_classifier", "roi_box": "loss_box_reg"}
 VARIANTS = ("torchvision", "ours plain", "ours")
+ONNX = "ours onnxruntime"
 
 
 # ---------------------------------------------------------------------------------- models
@@ -367,6 +375,26 @@ def markdown_report(args, machine, date, peak, inference, training, memory, flop
     return "\n".join(lines) + "\n"
 
 
+def deploy_report(machine, date, runs, inference, parity_lines) -> str:
+    """README's Deploy table: ours eager, ours in onnxruntime, torchvision eager, as ratios."""
+    lines = ["### Ours in onnxruntime against ours and torchvision in PyTorch (eager)", "",
+             f"{date}; {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch thread(s) and as many "
+             f"onnxruntime intra-op threads; torch {machine['torch']}, onnxruntime {machine.get('onnxruntime')}; "
+             f"the same weights (torchvision's detector, randomly initialised); one process, "
+             f"median of {runs} interleaved runs after a warm-up; the 600 x 512 sample photo.", "",
+             "| short side | ours eager, ms | ours onnxruntime, ms | torchvision eager, ms | "
+             "onnxruntime / ours eager | onnxruntime / torchvision |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for size, res in inference.items():
+        if ONNX not in res:
+            continue
+        med = {v: statistics.median(res[v]) for v in ("ours", ONNX, "torchvision")}
+        lines.append(f"| {size} px | {fmt(med['ours'])} | {fmt(med[ONNX])} | {fmt(med['torchvision'])} | "
+                     f"{med[ONNX] / med['ours']:.2f} | {med[ONNX] / med['torchvision']:.2f} |")
+    lines += ["", "Parity (checked before timing):", ""] + [f"- {line}" for line in parity_lines if ONNX in line]
+    return "\n".join(lines) + "\n"
+
+
 def time_training(args, torchvision_model, ours, train_size, device, parity_lines) -> dict:
     """One training step: parity of the first step's losses, then time. Returns {"size", "times", "ok"}."""
     ok_all = True
@@ -411,6 +439,9 @@ def main(argv=None):
                         help="do not flush denormal floats to zero (see the module docstring)")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results.md",
                         help="where to write the table (default bench/results.md)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip ours in onnxruntime")
+    parser.add_argument("--deploy-out", type=pathlib.Path, default=ROOT / "bench" / "deploy_results.md",
+                        help="where to write the onnxruntime table (default bench/deploy_results.md)")
     parser.add_argument("--memory-child", nargs=4, metavar=("VARIANT", "MODE", "SIZE", "WEIGHTS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -429,6 +460,10 @@ def main(argv=None):
         parser.error("--amp needs --device cuda (CPU runs stay fp32)")
 
     machine = machine_info(device, not args.keep_denormals)
+    use_onnx = not args.no_onnx and device.type == "cpu"
+    if use_onnx:
+        import onnxruntime
+        machine["onnxruntime"] = onnxruntime.__version__
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     print(f"{date}  {machine}")
     peak_dtype = torch.bfloat16 if args.amp else torch.float32
@@ -461,6 +496,16 @@ def main(argv=None):
                                 f"{'OK' if ok else 'MISMATCH'}")
             print(parity_lines[-1])
         calls = {name: inference_call(model, images, device, args.amp) for name, model in models.items()}
+        if use_onnx:  # ours exported at this size, in onnxruntime with torch's number of threads
+            onnx_path = fc.export_onnx(models["ours"], pathlib.Path(tmp.name) / f"ours_{size}.onnx")
+            detector = fc.OnnxDetector(onnx_path, threads=torch.get_num_threads())
+            ok, box_diff, score_diff = same_detections(detector(images)[0], outputs["ours"][0], BOX_ATOL["ours"])
+            all_ok &= ok
+            parity_lines.append(f"inference {size} px, {ONNX}: {len(outputs['ours'][0]['boxes'])} detections, "
+                                f"boxes within {box_diff:.1e} px of ours, scores within {score_diff:.1e}: "
+                                f"{'OK' if ok else 'MISMATCH'}")
+            print(parity_lines[-1])
+            calls[ONNX] = lambda detector=detector: detector(images)
         inference[size] = time_interleaved(calls, args.runs, device)
         print(f"inference {size} px, ms: " + ", ".join(
             f"{n} {statistics.median(t):,.0f}" for n, t in inference[size].items()))
@@ -496,6 +541,11 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(f"wrote {args.out}")
+    if use_onnx:
+        deploy = deploy_report(machine, date, args.runs, inference, parity_lines)
+        print(deploy)
+        args.deploy_out.write_text(deploy)
+        print(f"wrote {args.deploy_out}")
 
     def ratio(a, b):
         return None if a is None or b is None else round(a / b, 3)
@@ -509,6 +559,8 @@ def main(argv=None):
             "ours_over_torchvision_time": ratio(t_ours, t_ref), "speedup": ratio(t_ref, t_ours),
             "ours_plain_over_torchvision_time": ratio(t_plain, t_ref),
             "gflop": round(flops[size]["ours"] / 1e9, 2),
+            **({"onnxruntime_ms": round(statistics.median(res[ONNX]), 1),
+                "onnxruntime_over_ours_time": ratio(statistics.median(res[ONNX]), t_ours)} if ONNX in res else {}),
             "fraction_of_matmul_peak": round(flops[size]["ours"] / 1e9 / (t_ours / 1000) / peak, 3)}
     if training:
         t_ref, t_ours, t_plain = (statistics.median(training["times"][v]) for v in ("torchvision", "ours", "ours plain"))
