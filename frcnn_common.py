@@ -2632,6 +2632,16 @@ def _rng_state() -> dict:
     return state
 
 
+def _rng_states(world: int) -> list[dict]:
+    """Every process's random state, in rank order (all processes call it together): each rank
+    draws its own RPN and RoI samples, so an exact resume gives each its own state back."""
+    if world == 1:
+        return [_rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, _rng_state())
+    return states
+
+
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -2834,7 +2844,9 @@ def _restore(run: TrainingRun, ckpt: dict) -> None:
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.history, run.epochs, run.best_ap = ckpt["history"], ckpt["epochs"], ckpt["best_ap"]
     run.epoch, run.train_seconds = ckpt["epoch"], ckpt.get("train_seconds", 0.0)
-    _set_rng_state(ckpt["rng"][run.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]   # one dict: older checkpoints
+    # A run resumed with more processes than it saved cannot be exact: the extra ranks reuse the last state.
+    _set_rng_state(states[min(run.rank, len(states) - 1)])
 
 
 PREDICTOR = "roi_heads.box_predictor."   # the only weights that depend on the classes
@@ -2922,8 +2934,14 @@ def epoch_loader(run: TrainingRun, epoch: int):
 
 
 def end_epoch(run: TrainingRun, *, progress: bool) -> None:
-    """Validation AP, then last.pt (and best.pt when the AP is the best so far) and metrics.json."""
-    metrics = evaluate_model(run.model, run.val_set, device=run.device, progress=progress)
+    """Validation AP, then last.pt (and best.pt when the AP is the best so far) and metrics.json.
+    Every process calls it: rank 0 evaluates and writes, and the checkpoint holds every process's
+    random state (_rng_states), taken after the evaluation, which a resumed run gives back to each."""
+    if run.rank == 0:
+        metrics = evaluate_model(run.model, run.val_set, device=run.device, progress=progress)
+    rng = _rng_states(run.world)
+    if run.rank != 0:
+        return
     run.epochs.append({"epoch": run.epoch, **{k: metrics[k] for k in COCO_METRIC_KEYS},
                        "train_seconds": run.train_seconds})
     is_best = metrics["AP"] > run.best_ap
@@ -2931,7 +2949,7 @@ def end_epoch(run: TrainingRun, *, progress: bool) -> None:
     ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "epoch": run.epoch, "config": asdict(run.cfg),
             "class_names": run.class_names, "history": run.history, "epochs": run.epochs,
-            "best_ap": run.best_ap, "train_seconds": run.train_seconds, "rng": _rng_state()}
+            "best_ap": run.best_ap, "train_seconds": run.train_seconds, "rng": rng}
     if is_best:
         save_checkpoint(ckpt, run.out_dir / "best.pt")
     save_checkpoint(ckpt, run.out_dir / "last.pt")
@@ -2979,8 +2997,7 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
             raise TrainingDiverged(f"{err}; the last good checkpoint is {run.out_dir / 'last.pt'}") from None
         run.train_seconds += time.perf_counter() - start
         run.epoch += 1
-        if run.rank == 0:  # one process evaluates and writes; the others wait for it
-            end_epoch(run, progress=progress)
+        end_epoch(run, progress=progress)   # rank 0 evaluates and writes; the others wait for it
         if run.world > 1:
             dist.barrier()
     if run.world > 1:

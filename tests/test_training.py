@@ -231,6 +231,41 @@ def test_torchrun_two_processes_train(tmp_path):
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "metrics.json").is_file()
 
 
+
+def _train_two_processes(out, **kwargs):
+    """A deterministic 2-process smoke run (train_in_processes), leaving this process's
+    settings as they were."""
+    threads = torch.get_num_threads()
+    try:
+        return fc.train_in_processes(replace(SMOKE, cpu_processes=2), out_dir=out, device="cpu",
+                                     progress=False, deterministic=True, **kwargs)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_two_process_resume_ends_with_the_same_weights(tmp_path):
+    """Each rank draws its own RPN and RoI samples: a checkpoint holds every rank's random state
+    and each rank gets its own back, so a 2-process run stopped after epoch 1 and resumed ends
+    with the uninterrupted run's weights, tensor for tensor."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    _train_two_processes(tmp_path / "full")
+    _train_two_processes(tmp_path / "resumed", stop_after_epochs=1)
+    first = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert first["epoch"] == 1 and len(first["rng"]) == 2
+    assert not torch.equal(first["rng"][0]["torch"], first["rng"][1]["torch"])  # two different states
+    _train_two_processes(tmp_path / "resumed", resume=True)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    uninterrupted = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    assert resumed["epoch"] == uninterrupted["epoch"] == 2
+    assert resumed["model"].keys() == uninterrupted["model"].keys()
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    assert resumed["history"]["loss"] == uninterrupted["history"]["loss"]
+
+
 @pytest.mark.slow
 def test_cpu_processes_train_as_ddp_without_torchrun(tmp_path, capsys):
     """cfg.cpu_processes = 2 on a CPU: train() spawns the second rank itself and the run is DDP
