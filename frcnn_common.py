@@ -35,6 +35,7 @@ import os
 import pathlib
 import random
 import re
+import signal
 import sys
 import time
 import warnings
@@ -2406,7 +2407,7 @@ def check_targets(images: list[Tensor], targets) -> None:
 # trainable_targets — crowd regions and 'difficult' objects kept for evaluation, out of the loss
 # train_one_epoch — the loop: forward, guard, backward, clip, step
 # train, train_in_processes — the whole run (setup_run, epoch_loader, train_one_epoch,
-#     end_epoch); the CPU launcher
+#     end_epoch); the CPU launcher; TrainingProcessFailed — one of its processes ended early
 # lr_factor, make_optimizer — schedule and optimiser
 # init_from_checkpoint, freeze_backbone — transfer learning: train --init, --freeze-backbone-epochs
 # load_checkpoint, save_checkpoint — a trained model back, in eval mode; atomic writes
@@ -3005,6 +3006,11 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
     return run.summary()
 
 
+class TrainingProcessFailed(RuntimeError):
+    """A process of train_in_processes ended before the run did (it died, was killed, or never
+    started); the others stop with it, and last.pt keeps the last finished epoch."""
+
+
 def train_in_processes(cfg: TrainConfig, *, device=None, progress: bool = True, **kwargs) -> dict:
     """train() as the CLI and notebook 05 run it: on a CPU, in cfg.cpu_processes DDP processes
     (at most one a core), as torchrun would start them; elsewhere, under torchrun, or with one
@@ -3012,7 +3018,13 @@ def train_in_processes(cfg: TrainConfig, *, device=None, progress: bool = True, 
 
     This process is rank 0 (its progress bars and messages show where it was called, a notebook
     included); the others are spawned with the same arguments and joined before it returns. Each
-    process gets its share of the cores as torch threads."""
+    process gets its share of the cores as torch threads. A process that ends early (it fails,
+    is killed, or never starts) stops the run within seconds with TrainingProcessFailed, one
+    line that says which and why."""
+    if getattr(torch.multiprocessing.current_process(), "_inheriting", False):
+        # A spawned process is re-running the caller's script at import (no __main__ guard): it
+        # ends quietly, and rank 0 says why (_wait_for_start).
+        raise SystemExit(1)
     device = torch.device(device) if device else DEVICE
     processes = min(cfg.cpu_processes, os.cpu_count() or 1)
     if device.type != "cpu" or processes == 1 or "WORLD_SIZE" in os.environ:
@@ -3020,8 +3032,11 @@ def train_in_processes(cfg: TrainConfig, *, device=None, progress: bool = True, 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(processes)}
     threads = max(1, (os.cpu_count() or 1) // processes)
     context = torch.multiprocessing.get_context("spawn")
-    others = [context.Process(target=_cpu_process_main, args=(rank, env, threads, cfg, device, kwargs))
-              for rank in range(1, processes)]
+    # One pipe a process, to say it has started: file descriptors, which a killed run leaves
+    # nothing of (an Event's semaphore would outlive it, and multiprocessing warns about it)
+    pipes = [context.Pipe(duplex=False) for _ in range(1, processes)]      # (reader, writer)
+    others = [context.Process(target=_cpu_process_main, args=(rank, env, threads, cfg, device, kwargs, writer))
+              for rank, (_, writer) in enumerate(pipes, start=1)]
     saved_env = {k: os.environ.get(k) for k in [*env, "RANK", "LOCAL_RANK"]}
     saved_threads = torch.get_num_threads()
     if progress:
@@ -3029,16 +3044,25 @@ def train_in_processes(cfg: TrainConfig, *, device=None, progress: bool = True, 
     try:
         for p in others:
             p.start()
+        _wait_for_start(others, [reader for reader, _ in pipes])
         os.environ.update(env, RANK="0", LOCAL_RANK="0")
         torch.set_num_threads(threads)
         result = train(cfg, device=device, progress=progress, **kwargs)
-    except BaseException:
+    except BaseException as err:
+        # A collective that fails here means another process ended: name it rather than show
+        # gloo's traceback. Any other error is this process's own.
+        ended = _ended_early(others, wait=10.0) if _lost_a_peer(err) else ""
         for p in others:
-            p.terminate()
+            if p.pid is not None and p.exitcode is None:
+                p.terminate()
+        if ended:
+            raise TrainingProcessFailed(f"{ended}; the other processes stopped too, and last.pt "
+                                        "keeps the last finished epoch (resume continues from it)") from None
         raise
     finally:
         for p in others:
-            p.join()
+            if p.pid is not None:      # started (a start that failed leaves nothing to join)
+                p.join()
         if dist.is_initialized():
             dist.destroy_process_group()
         torch.set_num_threads(saved_threads)
@@ -3047,10 +3071,42 @@ def train_in_processes(cfg: TrainConfig, *, device=None, progress: bool = True, 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    failed = [p.exitcode for p in others if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"a training process exited with status {failed[0]}")
+    ended = _ended_early(others, wait=0.0)
+    if ended:
+        raise TrainingProcessFailed(ended)
     return result
+
+
+def _wait_for_start(others: list, readers: list) -> None:
+    """Until every spawned process has said it started its work; one that ends before (its import
+    of the caller's script failed) stops the run here rather than leave rank 0 waiting for it."""
+    while not all(reader.poll() for reader in readers):
+        for rank, (p, reader) in enumerate(zip(others, readers, strict=True), start=1):
+            if p.exitcode is not None and not reader.poll():
+                raise TrainingProcessFailed(
+                    f"training process {rank} ended (status {p.exitcode}) before it started. A script "
+                    'that calls train_in_processes must call it under `if __name__ == "__main__":`, '
+                    "since each process it starts imports the script again")
+        time.sleep(0.05)
+
+
+def _lost_a_peer(err: BaseException) -> bool:
+    """Whether an error is gloo's report of a process that went away mid-collective."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err).lower())
+
+
+def _ended_early(others: list, *, wait: float) -> str:
+    """Which spawned process ended with a failure (waiting up to `wait` seconds for one), or ""."""
+    deadline = time.monotonic() + wait
+    while True:
+        for rank, p in enumerate(others, start=1):
+            if p.exitcode is not None and p.exitcode < 0:
+                return f"training process {rank} was killed ({signal.Signals(-p.exitcode).name})"
+            if p.exitcode:
+                return f"training process {rank} failed (status {p.exitcode}; its message is above)"
+        if time.monotonic() >= deadline:
+            return ""
+        time.sleep(0.05)
 
 
 def _free_port() -> int:
@@ -3060,11 +3116,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _cpu_process_main(rank: int, env: dict, threads: int, cfg: TrainConfig, device, kwargs: dict):
-    """A spawned rank of train_in_processes: joins the run as torchrun would have started it."""
+def _cpu_process_main(rank: int, env: dict, threads: int, cfg: TrainConfig, device, kwargs: dict, started):
+    """A spawned rank of train_in_processes: says it started (on the `started` pipe), then joins
+    the run as torchrun would have started it. Whatever stops it is said in one line: rank 0
+    reports the run's own errors."""
+    started.send(True)
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
-    train(cfg, device=device, **kwargs, progress=False)
+    try:
+        train(cfg, device=device, **kwargs, progress=False)
+    except (TrainingDiverged, KeyboardInterrupt):
+        sys.exit(1)        # every process stops alike; rank 0 says why
+    except Exception as err:
+        why = ("another process of the run ended" if _lost_a_peer(err)
+               else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        print(f"training process {rank} stopped: {why}", file=sys.stderr)
+        sys.exit(1)
 
 
 # =============================================================================================
@@ -3781,7 +3848,7 @@ def main(argv=None) -> int:
             train_in_processes(cfg, out_dir=args.out or f"runs/{args.profile}", resume=args.resume,
                                device=args.device, data_root=args.data_root, progress=not args.no_progress,
                                init=args.init, freeze_backbone_epochs=args.freeze_backbone_epochs)
-        except TrainingDiverged as err:
+        except (TrainingDiverged, TrainingProcessFailed) as err:
             print(f"training stopped: {err}", file=sys.stderr)
             return 1
         return 0

@@ -3,8 +3,11 @@ evaluate and predict answer as README's public interface says."""
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -283,6 +286,92 @@ def test_cpu_processes_train_as_ddp_without_torchrun(tmp_path, capsys):
     assert "WORLD_SIZE" not in os.environ and not torch.distributed.is_initialized()
     assert torch.get_num_threads() == threads
     fc.load_checkpoint(tmp_path / "last.pt")
+
+
+
+SCRIPT = """import sys
+sys.path.insert(0, {root!r})
+from dataclasses import replace
+import frcnn_common as fc
+cfg = replace(fc.PROFILES["smoke"], cpu_processes=2, num_workers=0, epochs={epochs})
+{call}
+"""
+
+
+def run_script(tmp_path, call, *, epochs=2):
+    script = tmp_path / "train_smoke.py"
+    script.write_text(SCRIPT.format(root=str(ROOT), epochs=epochs, call=call.format(out=str(tmp_path / "out"))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_process_that_never_starts_ends_the_run_at_once(tmp_path):
+    """A new user's script without the main guard: the spawned rank cannot start (it imports the
+    script again), and the run ends within seconds saying so, instead of rank 0 waiting for it."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    started = time.monotonic()
+    process = run_script(tmp_path, 'fc.train_in_processes(cfg, out_dir={out!r}, device="cpu", progress=False)')
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert time.monotonic() - started < 60 and process.returncode != 0
+    assert stderr.count("Traceback") == 1, stderr                 # the script's own error, once
+    assert "NoneType" not in stderr and "can only join" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("frcnn_common.TrainingProcessFailed: training process 1 ended"), last
+    assert 'under `if __name__ == "__main__":`' in last
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_run_stops_the_others_in_one_line(tmp_path):
+    """SIGTERM to rank 1 in epoch 2: rank 0 (here) stops at once with TrainingProcessFailed,
+    naming it; last.pt keeps epoch 1."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    out = tmp_path / "run"
+
+    def kill_rank_1_after_epoch_1():
+        while not (out / "last.pt").exists():
+            time.sleep(0.02)
+        for child in mp.active_children():
+            os.kill(child.pid, signal.SIGTERM)
+
+    killer = threading.Thread(target=kill_rank_1_after_epoch_1, daemon=True)
+    killer.start()
+    with pytest.raises(fc.TrainingProcessFailed, match=r"^training process 1 was killed \(SIGTERM\)") as info:
+        fc.train_in_processes(replace(SMOKE, cpu_processes=2, epochs=4), out_dir=out, device="cpu", progress=False)
+    assert "\n" not in str(info.value)
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] < 4     # it did stop early
+    fc.load_checkpoint(out / "last.pt")                                      # and last.pt is whole
+    assert not torch.distributed.is_initialized() and "WORLD_SIZE" not in os.environ
+
+
+@pytest.mark.slow
+def test_rank_0_killed_mid_run_stops_the_others_in_one_line(tmp_path):
+    """SIGTERM to rank 0 (the script) in epoch 2: rank 1 ends within seconds with one line,
+    no gloo traceback."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    process = run_script(tmp_path, 'if __name__ == "__main__":\n'
+                                   '    fc.train_in_processes(cfg, out_dir={out!r}, device="cpu", progress=False)',
+                         epochs=4)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "out" / "last.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        killed = time.monotonic()
+        _, stderr = process.communicate(timeout=60)   # returns when rank 1, which shares the pipe, ends
+    finally:
+        process.kill()
+    assert time.monotonic() - killed < 20
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "training process 1 stopped: another process of the run ended"
+    fc.load_checkpoint(tmp_path / "out" / "last.pt")
 
 
 # ------------------------------------------------------------------------------------- CLI
