@@ -3776,7 +3776,7 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Faster R-CNN from scratch: data, train, evaluate, predict, check-data.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("data", help="build the embedded shapes dataset (idempotent)")
-    p.add_argument("--root", default="data/shapes")
+    p.add_argument("--root", default=None, help="where to build it (default: data/shapes in the repository)")
     p.add_argument("--num-train", type=int, default=TrainConfig.num_train)
     p.add_argument("--num-val", type=int, default=TrainConfig.num_val)
     p.add_argument("--seed", type=int, default=0)
@@ -3815,17 +3815,32 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="detect objects in images")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
-    p.add_argument("--out", default="runs/predict")
+    p.add_argument("--out", default=None, help="output folder (default: runs/predict)")
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--device", default=None)
     return parser
 
 
+def _from_working_directory(args: argparse.Namespace) -> None:
+    """Every path given on the command line is relative to the working directory, as in any CLI;
+    the defaults (None here) stay relative to the repository root, resolved where they are used."""
+    for name in ("root", "data_root", "out", "checkpoint"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, pathlib.Path(getattr(args, name)).absolute())
+    if getattr(args, "init", None) not in (None, "torchvision"):
+        args.init = pathlib.Path(args.init).absolute()
+    # image paths are opened as they are given (from here), and predictions.json names them so
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _from_working_directory(args)
+    if getattr(args, "epochs", None) is not None and args.epochs < 1:
+        parser.error(f"--epochs must be at least 1 (got {args.epochs})")
     if args.command == "data":
-        build_shapes_dataset(resolve(args.root), seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-                             force=args.force)
+        build_shapes_dataset(resolve(args.root or "data/shapes"), seed=args.seed, num_train=args.num_train,
+                             num_val=args.num_val, force=args.force)
         return 0
     if args.command == "check-data":   # exit status 1 when the report lists errors
         cfg = PROFILES[args.profile]
@@ -3868,9 +3883,10 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(summary))
         return 0
-    predict_images(model, args.images, out_dir=resolve(args.out), class_names=ckpt["class_names"], device=device,
+    out = resolve(args.out or "runs/predict")
+    predict_images(model, args.images, out_dir=out, class_names=ckpt["class_names"], device=device,
                    score_thresh=args.score_thresh)
-    print(f"wrote {len(args.images)} image(s) and predictions.json to {resolve(args.out)}")
+    print(f"wrote {len(args.images)} image(s) and predictions.json to {out}")
     return 0
 
 

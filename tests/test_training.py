@@ -20,9 +20,9 @@ ROOT = pathlib.Path(fc.__file__).resolve().parent
 SMOKE = replace(fc.PROFILES["smoke"], num_workers=0)
 
 
-def run_cli(*args, timeout=600):
+def run_cli(*args, timeout=600, cwd=ROOT):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "frcnn_common", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "frcnn_common", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -402,3 +402,38 @@ def test_cli_errors_are_clear(tmp_path):
     assert result.returncode != 0 and "nope.pt" in result.stderr
     result = run_cli("train", "--profile", "bogus")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_cli_paths_are_relative_to_the_working_directory(tmp_path):
+    """Run from another folder, every path given on the command line (data --root, --data-root,
+    --out, --checkpoint, images) means a path there, as in any CLI; nothing lands in the checkout.
+    The same run covers `data`, `train --resume`, and `evaluate --data`."""
+    before = set(ROOT.iterdir())
+    result = run_cli("data", "--root", "mine", "--num-train", "40", "--num-val", "10", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "mine" / "train").glob("*.png"))) == 40
+    train = ("train", "--profile", "smoke", "--data-root", "mine", "--out", "run", "--no-progress")
+    result = run_cli(*train, "--epochs", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 1
+    result = run_cli(*train, "--epochs", "2", "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'run' / 'last.pt'} after epoch 1" in result.stdout
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 2
+
+    result = run_cli("evaluate", "--checkpoint", "run/last.pt", "--data", "shapes", "--data-root", "mine",
+                     "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["images"] == SMOKE.max_val_images
+    image = sorted((tmp_path / "mine" / "val").glob("*.png"))[0]
+    result = run_cli("predict", "--checkpoint", "run/last.pt", f"mine/val/{image.name}", "--out", "predicted",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "predicted" / "predictions.json").is_file()
+    assert set(ROOT.iterdir()) == before     # no mine/, run/ or predicted/ in the checkout
+
+
+def test_cli_epochs_must_be_positive(tmp_path):
+    result = run_cli("train", "--profile", "smoke", "--epochs", "0", "--out", str(tmp_path))
+    assert result.returncode == 2 and "--epochs" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "last.pt").exists()
