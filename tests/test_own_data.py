@@ -220,7 +220,7 @@ def test_anchor_fit_equals_all_anchors():
     cfg = SMOKE                                     # a tiny backbone: its feature maps' sizes are what count
     model = fc.build_model(cfg, 2).eval()
     expected = []
-    for (h, w), b in zip(sizes, boxes):
+    for (h, w), b in zip(sizes, boxes, strict=True):
         with torch.no_grad():
             batch, image_sizes, targets = model.transform([torch.zeros(3, h, w)], [{"boxes": b}])
             anchors = model.rpn.anchor_generator(batch.shape[-2:], model.backbone(batch))

@@ -225,13 +225,30 @@ def test_ddp_two_processes_give_the_same_gradients_as_one(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train(tmp_path):
+    """torchrun's two processes train as DDP (half of each step's images each), and end with the
+    weights of the same run that train_in_processes starts itself."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "-m", "frcnn_common", "train", "--profile", "smoke", "--out", str(tmp_path),
+                             "-m", "frcnn_common", "train", "--profile", "smoke", "--out", str(tmp_path / "torchrun"),
                              "--epochs", "1", "--no-progress"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "last.pt").is_file() and (tmp_path / "metrics.json").is_file()
+    saved = json.loads((tmp_path / "torchrun" / "metrics.json").read_text())
+    assert saved["processes"] == 2 and saved["total_steps"] == SMOKE.max_train_images // (2 * SMOKE.batch_size)
+    assert len(saved["history"]["loss"]) == saved["total_steps"]
+    torchrun = torch.load(tmp_path / "torchrun" / "last.pt", weights_only=False)["model"]
+    threads = torch.get_num_threads()
+    try:
+        fc.train_in_processes(replace(fc.PROFILES["smoke"], cpu_processes=2, epochs=1), out_dir=tmp_path / "spawned",
+                              device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    spawned = torch.load(tmp_path / "spawned" / "last.pt", weights_only=False)["model"]
+    assert torchrun.keys() == spawned.keys()
+    for key, value in spawned.items():
+        torch.testing.assert_close(torchrun[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 
@@ -389,12 +406,26 @@ def test_cli_evaluate_json_and_predict(smoke_run, tmp_path):
     assert summary["AP"] == pytest.approx(direct["AP"], abs=1e-9)  # the CLI reports what the code computes
 
     image = ROOT / "data" / "shapes_smoke" / "val" / sorted(os.listdir(ROOT / "data/shapes_smoke/val"))[0]
+    with torch.no_grad():
+        direct = model([fc.load_image(image)])[0]
+    assert len(direct["scores"]) > 4, "the model must detect something for the threshold to bite"
+    thresh = direct["scores"].median().item()           # keeps about half of the detections
     result = run_cli("predict", "--checkpoint", str(out / "last.pt"), str(image), "--out", str(tmp_path),
-                     "--score-thresh", "0.0")
+                     "--score-thresh", str(thresh))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / (image.stem + ".png")).is_file()
     predictions = json.loads((tmp_path / "predictions.json").read_text())
-    assert predictions[0]["image"] == str(image) and len(predictions[0]["boxes"]) == len(predictions[0]["names"])
+    assert len(predictions) == 1 and predictions[0]["image"] == str(image)
+    got, keep = predictions[0], direct["scores"] >= thresh
+    assert 0 < len(got["scores"]) == keep.sum() < len(direct["scores"])
+    assert min(got["scores"]) >= thresh
+    torch.testing.assert_close(torch.tensor(got["scores"]), direct["scores"][keep], rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(got["boxes"]), direct["boxes"][keep], rtol=0, atol=1e-3)
+    height, width = fc.load_image(image).shape[-2:]
+    boxes = torch.tensor(got["boxes"])
+    assert (boxes >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    assert got["labels"] == direct["labels"][keep].tolist() and all(1 <= k < len(val.class_names) for k in got["labels"])
+    assert got["names"] == [val.class_names[k] for k in got["labels"]]
 
 
 def test_cli_errors_are_clear(tmp_path):
