@@ -2697,11 +2697,12 @@ def evaluate_model(model: nn.Module, dataset, *, device, batch_size: int = 4, pr
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, *, device,
                     history: dict, clip_grad_norm: float = 0.0, max_bad_steps: int = 5, amp: bool = False,
-                    world: int = 1, desc: str = "epoch", progress: bool = True) -> None:
+                    world: int = 1, desc: str = "epoch", progress: bool = True, bad_steps: int = 0) -> int:
     """One pass over the loader, one optimiser step a batch; each step's losses and learning rate
-    are appended to `history`. The whole loop of the lesson: forward, guard, backward, clip, step."""
+    are appended to `history`. The whole loop of the lesson: forward, guard, backward, clip, step.
+    Returns the non-finite steps in a row at its end; `bad_steps` carries the previous epoch's in,
+    so that a run of them stops training however few steps an epoch has."""
     model.train()
-    bad_steps = 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
     for images, targets in bar:
         images = [img.to(device, non_blocking=True) for img in images]      # N x (3, H_i, W_i)
@@ -2738,6 +2739,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             history[name].append(value.item())
         history["loss"].append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{history['lr'][-1]:.2e}")
+    return bad_steps
 
 
 @dataclass
@@ -2984,16 +2986,17 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
     run = setup_run(cfg, out_dir=out_dir, resume=resume, device=device, data_root=data_root, model=model,
                     init=init, progress=progress)
     last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, run.epoch + stop_after_epochs)
+    bad_steps = 0   # non-finite losses in a row, across epochs
     while run.epoch < last_epoch:
         if freeze_backbone_epochs:
             freeze_backbone(run, run.epoch < freeze_backbone_epochs)
         start = time.perf_counter()
         try:
-            train_one_epoch(run.net, epoch_loader(run, run.epoch), run.optimizer, run.scheduler,
-                            device=run.device, history=run.history, clip_grad_norm=cfg.clip_grad_norm,
-                            max_bad_steps=cfg.max_bad_steps, amp=cfg.amp and run.device.type == "cuda",
-                            world=run.world, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
-                            progress=progress and run.rank == 0)
+            bad_steps = train_one_epoch(run.net, epoch_loader(run, run.epoch), run.optimizer, run.scheduler,
+                                        device=run.device, history=run.history, clip_grad_norm=cfg.clip_grad_norm,
+                                        max_bad_steps=cfg.max_bad_steps, amp=cfg.amp and run.device.type == "cuda",
+                                        world=run.world, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
+                                        progress=progress and run.rank == 0, bad_steps=bad_steps)
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{err}; the last good checkpoint is {run.out_dir / 'last.pt'}") from None
         run.train_seconds += time.perf_counter() - start

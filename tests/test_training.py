@@ -118,6 +118,92 @@ def test_nan_loss_skips_then_stops_keeping_the_last_checkpoint(tmp_path, monkeyp
     fc.load_checkpoint(tmp_path / "last.pt")  # still loads
 
 
+
+def test_one_non_finite_step_among_good_ones_changes_nothing(monkeypatch):
+    """Batches good, poisoned, good: the poisoned step leaves the weights, the optimiser and the
+    schedule as they were, and training goes on: the run equals one without that batch."""
+    train_set, _ = fc.make_datasets(SMOKE, quiet=True)
+    batches = [fc.collate_fn([train_set[i] for i in range(j, j + 2)]) for j in (0, 2, 4)]
+    cpu = torch.device("cpu")
+
+    def run(loader, poisoned):
+        torch.manual_seed(0)
+        model = fc.build_model(replace(SMOKE, norm="frozen"), len(train_set.class_names))
+        make_sampling_deterministic(model)
+        optimizer = fc.make_optimizer(SMOKE, model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 / (1 + it))
+        history = {k: [] for k in ("step", "lr", "rpn_objectness", "rpn_box", "roi_classifier", "roi_box", "loss")}
+        real_forward, calls = fc.FasterRCNN.forward, []
+
+        def forward(self, images, targets=None):
+            out = real_forward(self, images, targets)
+            calls.append(1)
+            if len(calls) - 1 in poisoned:
+                out["roi_box"] = out["roi_box"] * float("nan")
+            return out
+
+        monkeypatch.setattr(fc.FasterRCNN, "forward", forward)
+        fc.train_one_epoch(model, loader, optimizer, scheduler, device=cpu, history=history, progress=False)
+        monkeypatch.undo()
+        return model, optimizer, scheduler, history
+
+    model, optimizer, scheduler, history = run(batches, poisoned={1})
+    ref_model, ref_optimizer, ref_scheduler, ref_history = run([batches[0], batches[2]], poisoned=set())
+    assert history["step"] == [0, 1] and scheduler.last_epoch == ref_scheduler.last_epoch == 2
+    assert history["loss"] == pytest.approx(ref_history["loss"], rel=1e-5)
+    for key, value in ref_model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    steps = {s["step"].item() for s in optimizer.state_dict()["state"].values()}
+    assert steps == {2.0}          # AdamW counted two steps, not three
+
+
+def test_best_pt_holds_the_best_epoch(tmp_path, monkeypatch):
+    """Validation AP 0.2, 0.5, 0.4: best.pt is epoch 2's, last.pt epoch 3's."""
+    aps = iter([0.2, 0.5, 0.4])
+    monkeypatch.setattr(fc, "evaluate_model", lambda *a, **k: {key: next(aps) if key == "AP" else 0.0
+                                                               for key in fc.COCO_METRIC_KEYS})
+    fc.train(replace(SMOKE, epochs=3), out_dir=tmp_path, progress=False)
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["epoch"] == 2 and best["best_ap"] == 0.5
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 3
+
+
+def test_backbone_frozen_then_trainable_again(tmp_path, monkeypatch):
+    """freeze_backbone_epochs=1: after epoch 1 the backbone is as it started (BatchNorm's running
+    statistics aside), after epoch 2 it has changed; the heads change in both."""
+    model = fc.build_model(SMOKE, len(fc.SHAPES_CLASSES))
+    snapshots = [{k: v.clone() for k, v in model.state_dict().items()}]
+    real_end_epoch = fc.end_epoch
+
+    def end_epoch(run, **kwargs):
+        snapshots.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        real_end_epoch(run, **kwargs)
+
+    monkeypatch.setattr(fc, "end_epoch", end_epoch)
+    fc.train(SMOKE, out_dir=tmp_path, progress=False, model=model, freeze_backbone_epochs=1)
+    start, epoch1, epoch2 = snapshots
+    weights = [k for k in start if k.startswith("backbone.") and "running" not in k and "num_batches" not in k]
+    assert weights and all(torch.equal(epoch1[k], start[k]) for k in weights)
+    assert all(not torch.equal(epoch2[k], epoch1[k]) for k in weights if k.endswith("conv1.weight"))
+    assert not torch.equal(epoch1["rpn.head.conv.weight"], start["rpn.head.conv.weight"])
+    assert not torch.equal(epoch2["rpn.head.conv.weight"], epoch1["rpn.head.conv.weight"])
+
+
+def test_cli_training_diverged_exits_1(tmp_path):
+    """TrainingDiverged through `python -m frcnn_common train`: status 1, one line naming last.pt."""
+    code = ("import runpy, sys, torch, torch.nn.functional as F\n"
+            "real = F.smooth_l1_loss\n"
+            "F.smooth_l1_loss = lambda *a, **k: real(*a, **k) * float('nan')\n"
+            f"sys.argv = ['frcnn_common', 'train', '--profile', 'smoke', '--out', {str(tmp_path)!r}, '--no-progress']\n"
+            "runpy.run_module('frcnn_common', run_name='__main__')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"training stopped: 5 non-finite losses in a row; the last good checkpoint is {tmp_path / 'last.pt'}"
+
+
 def test_train_one_epoch_is_the_loop(tmp_path):
     """train_one_epoch alone: one optimiser step and one history entry per batch, the schedule
     stepped with it, the losses falling on a batch seen again and again."""
