@@ -2533,9 +2533,12 @@ COCO_CLASSES = (
 
 
 def resolve(path) -> pathlib.Path:
-    """Relative paths are relative to the repository root, wherever the caller runs from."""
+    """Relative paths (data/..., runs/...) are relative to the repository root, wherever the caller
+    runs from, or to the folder that the environment variable FRCNN_WORKSPACE names: the tests
+    and tools/run_notebooks.py --workspace send the datasets and runs there, leaving the checkout
+    as it was."""
     path = pathlib.Path(path)
-    return path if path.is_absolute() else ROOT / path
+    return path if path.is_absolute() else pathlib.Path(os.environ.get("FRCNN_WORKSPACE") or ROOT) / path
 
 
 def make_datasets(cfg: TrainConfig, *, data_root=None, quiet=False):

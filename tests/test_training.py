@@ -491,7 +491,7 @@ def test_cli_evaluate_json_and_predict(smoke_run, tmp_path):
     direct = fc.evaluate_model(model, fc.subset(val, SMOKE.max_val_images), device="cpu", progress=False)
     assert summary["AP"] == pytest.approx(direct["AP"], abs=1e-9)  # the CLI reports what the code computes
 
-    image = ROOT / "data" / "shapes_smoke" / "val" / sorted(os.listdir(ROOT / "data/shapes_smoke/val"))[0]
+    image = sorted(fc.resolve("data/shapes_smoke/val").glob("*.png"))[0]
     with torch.no_grad():
         direct = model([fc.load_image(image)])[0]
     assert len(direct["scores"]) > 4, "the model must detect something for the threshold to bite"
@@ -554,3 +554,13 @@ def test_cli_epochs_must_be_positive(tmp_path):
     result = run_cli("train", "--profile", "smoke", "--epochs", "0", "--out", str(tmp_path))
     assert result.returncode == 2 and "--epochs" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_relative_paths_follow_the_workspace(tmp_path, monkeypatch):
+    """FRCNN_WORKSPACE (which the tests and the notebook runner set) takes the repository root's
+    place for relative paths; absolute paths stay as they are."""
+    monkeypatch.setenv("FRCNN_WORKSPACE", str(tmp_path))
+    assert fc.resolve("runs/smoke") == tmp_path / "runs" / "smoke"
+    assert fc.resolve(ROOT / "x") == ROOT / "x"
+    monkeypatch.delenv("FRCNN_WORKSPACE")
+    assert fc.resolve("runs/smoke") == ROOT / "runs" / "smoke"
