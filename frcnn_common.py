@@ -37,6 +37,7 @@ import os
 import pathlib
 import random
 import re
+import signal
 import sys
 import time
 import warnings
@@ -2451,7 +2452,7 @@ def check_targets(images: list[Tensor], targets) -> None:
 # trainable_targets — crowd regions and 'difficult' objects kept for evaluation, out of the loss
 # train_one_epoch — the loop: forward, guard, backward, clip, step
 # train, train_in_processes — the whole run (setup_run, epoch_loader, train_one_epoch,
-#     end_epoch); the CPU launcher
+#     end_epoch); the CPU launcher; TrainingProcessFailed — one of its processes ended early
 # lr_factor, make_optimizer — schedule and optimiser
 # init_from_checkpoint, freeze_backbone — transfer learning: train --init, --freeze-backbone-epochs
 # load_checkpoint, save_checkpoint — a trained model back, in eval mode; atomic writes
@@ -2582,9 +2583,12 @@ COCO_CLASSES = (
 
 
 def resolve(path) -> pathlib.Path:
-    """Relative paths are relative to the repository root, wherever the caller runs from."""
+    """Relative paths (data/..., runs/...) are relative to the repository root, wherever the caller
+    runs from, or to the folder that the environment variable FRCNN_WORKSPACE names: the tests
+    and tools/run_notebooks.py --workspace send the datasets and runs there, leaving the checkout
+    as it was."""
     path = pathlib.Path(path)
-    return path if path.is_absolute() else ROOT / path
+    return path if path.is_absolute() else pathlib.Path(os.environ.get("FRCNN_WORKSPACE") or ROOT) / path
 
 
 def make_datasets(cfg: TrainConfig, *, data_root=None, quiet=False):
@@ -2684,6 +2688,16 @@ def _rng_state() -> dict:
     return state
 
 
+def _rng_states(world: int) -> list[dict]:
+    """Every process's random state, in rank order (all processes call it together): each rank
+    draws its own RPN and RoI samples, so an exact resume gives each its own state back."""
+    if world == 1:
+        return [_rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, _rng_state())
+    return states
+
+
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -2742,11 +2756,12 @@ def evaluate_model(model: nn.Module, dataset, *, device, batch_size: int = 4, pr
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, *, device,
                     history: dict, clip_grad_norm: float = 0.0, max_bad_steps: int = 5, amp: bool = False,
-                    world: int = 1, desc: str = "epoch", progress: bool = True) -> None:
+                    world: int = 1, desc: str = "epoch", progress: bool = True, bad_steps: int = 0) -> int:
     """One pass over the loader, one optimiser step a batch; each step's losses and learning rate
-    are appended to `history`. The whole loop of the lesson: forward, guard, backward, clip, step."""
+    are appended to `history`. The whole loop of the lesson: forward, guard, backward, clip, step.
+    Returns the non-finite steps in a row at its end; `bad_steps` carries the previous epoch's in,
+    so that a run of them stops training however few steps an epoch has."""
     model.train()
-    bad_steps = 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
     for images, targets in bar:
         images = [img.to(device, non_blocking=True) for img in images]      # N x (3, H_i, W_i)
@@ -2786,6 +2801,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if hasattr(heads, "gt_share"):                        # ours; a torchvision model does not say
             history.setdefault("gt_share", []).append(heads.gt_share)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{history['lr'][-1]:.2e}")
+    return bad_steps
 
 
 @dataclass
@@ -2893,7 +2909,9 @@ def _restore(run: TrainingRun, ckpt: dict) -> None:
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.history, run.epochs, run.best_ap = ckpt["history"], ckpt["epochs"], ckpt["best_ap"]
     run.epoch, run.train_seconds = ckpt["epoch"], ckpt.get("train_seconds", 0.0)
-    _set_rng_state(ckpt["rng"][run.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]   # one dict: older checkpoints
+    # A run resumed with more processes than it saved cannot be exact: the extra ranks reuse the last state.
+    _set_rng_state(states[min(run.rank, len(states) - 1)])
 
 
 PREDICTOR = "roi_heads.box_predictor."   # the only weights that depend on the classes
@@ -2981,8 +2999,14 @@ def epoch_loader(run: TrainingRun, epoch: int):
 
 
 def end_epoch(run: TrainingRun, *, progress: bool) -> None:
-    """Validation AP, then last.pt (and best.pt when the AP is the best so far) and metrics.json."""
-    metrics = evaluate_model(run.model, run.val_set, device=run.device, progress=progress)
+    """Validation AP, then last.pt (and best.pt when the AP is the best so far) and metrics.json.
+    Every process calls it: rank 0 evaluates and writes, and the checkpoint holds every process's
+    random state (_rng_states), taken after the evaluation, which a resumed run gives back to each."""
+    if run.rank == 0:
+        metrics = evaluate_model(run.model, run.val_set, device=run.device, progress=progress)
+    rng = _rng_states(run.world)
+    if run.rank != 0:
+        return
     run.epochs.append({"epoch": run.epoch, **{k: metrics[k] for k in COCO_METRIC_KEYS},
                        "train_seconds": run.train_seconds})
     if isinstance(run.model, FasterRCNN):  # the dashboard of section 08 (not for a torchvision model)
@@ -2995,7 +3019,7 @@ def end_epoch(run: TrainingRun, *, progress: bool) -> None:
     ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "epoch": run.epoch, "config": asdict(run.cfg),
             "class_names": run.class_names, "history": run.history, "epochs": run.epochs,
-            "best_ap": run.best_ap, "train_seconds": run.train_seconds, "rng": _rng_state()}
+            "best_ap": run.best_ap, "train_seconds": run.train_seconds, "rng": rng}
     if is_best:
         save_checkpoint(ckpt, run.out_dir / "best.pt")
     save_checkpoint(ckpt, run.out_dir / "last.pt")
@@ -3029,27 +3053,32 @@ def train(cfg: TrainConfig, *, out_dir="runs/cpu", resume: bool = False, device=
     run = setup_run(cfg, out_dir=out_dir, resume=resume, device=device, data_root=data_root, model=model,
                     init=init, progress=progress)
     last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, run.epoch + stop_after_epochs)
+    bad_steps = 0   # non-finite losses in a row, across epochs
     while run.epoch < last_epoch:
         if freeze_backbone_epochs:
             freeze_backbone(run, run.epoch < freeze_backbone_epochs)
         start = time.perf_counter()
         try:
-            train_one_epoch(run.net, epoch_loader(run, run.epoch), run.optimizer, run.scheduler,
-                            device=run.device, history=run.history, clip_grad_norm=cfg.clip_grad_norm,
-                            max_bad_steps=cfg.max_bad_steps, amp=cfg.amp and run.device.type == "cuda",
-                            world=run.world, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
-                            progress=progress and run.rank == 0)
+            bad_steps = train_one_epoch(run.net, epoch_loader(run, run.epoch), run.optimizer, run.scheduler,
+                                        device=run.device, history=run.history, clip_grad_norm=cfg.clip_grad_norm,
+                                        max_bad_steps=cfg.max_bad_steps, amp=cfg.amp and run.device.type == "cuda",
+                                        world=run.world, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
+                                        progress=progress and run.rank == 0, bad_steps=bad_steps)
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{err}; the last good checkpoint is {run.out_dir / 'last.pt'}") from None
         run.train_seconds += time.perf_counter() - start
         run.epoch += 1
-        if run.rank == 0:  # one process evaluates and writes; the others wait for it
-            end_epoch(run, progress=progress)
+        end_epoch(run, progress=progress)   # rank 0 evaluates and writes; the others wait for it
         if run.world > 1:
             dist.barrier()
     if run.world > 1:
         dist.destroy_process_group()
     return run.summary()
+
+
+class TrainingProcessFailed(RuntimeError):
+    """A process of train_in_processes ended before the run did (it died, was killed, or never
+    started); the others stop with it, and last.pt keeps the last finished epoch."""
 
 
 def train_in_processes(cfg: TrainConfig, *, device=None, progress: bool = True, **kwargs) -> dict:
@@ -3059,7 +3088,13 @@ def train_in_processes(cfg: TrainConfig, *, device=None, progress: bool = True, 
 
     This process is rank 0 (its progress bars and messages show where it was called, a notebook
     included); the others are spawned with the same arguments and joined before it returns. Each
-    process gets its share of the cores as torch threads."""
+    process gets its share of the cores as torch threads. A process that ends early (it fails,
+    is killed, or never starts) stops the run within seconds with TrainingProcessFailed, one
+    line that says which and why."""
+    if getattr(torch.multiprocessing.current_process(), "_inheriting", False):
+        # A spawned process is re-running the caller's script at import (no __main__ guard): it
+        # ends quietly, and rank 0 says why (_wait_for_start).
+        raise SystemExit(1)
     device = torch.device(device) if device else DEVICE
     processes = min(cfg.cpu_processes, os.cpu_count() or 1)
     if device.type != "cpu" or processes == 1 or "WORLD_SIZE" in os.environ:
@@ -3067,8 +3102,11 @@ def train_in_processes(cfg: TrainConfig, *, device=None, progress: bool = True, 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(processes)}
     threads = max(1, (os.cpu_count() or 1) // processes)
     context = torch.multiprocessing.get_context("spawn")
-    others = [context.Process(target=_cpu_process_main, args=(rank, env, threads, cfg, device, kwargs))
-              for rank in range(1, processes)]
+    # One pipe a process, to say it has started: file descriptors, which a killed run leaves
+    # nothing of (an Event's semaphore would outlive it, and multiprocessing warns about it)
+    pipes = [context.Pipe(duplex=False) for _ in range(1, processes)]      # (reader, writer)
+    others = [context.Process(target=_cpu_process_main, args=(rank, env, threads, cfg, device, kwargs, writer))
+              for rank, (_, writer) in enumerate(pipes, start=1)]
     saved_env = {k: os.environ.get(k) for k in [*env, "RANK", "LOCAL_RANK"]}
     saved_threads = torch.get_num_threads()
     if progress:
@@ -3076,16 +3114,25 @@ def train_in_processes(cfg: TrainConfig, *, device=None, progress: bool = True, 
     try:
         for p in others:
             p.start()
+        _wait_for_start(others, [reader for reader, _ in pipes])
         os.environ.update(env, RANK="0", LOCAL_RANK="0")
         torch.set_num_threads(threads)
         result = train(cfg, device=device, progress=progress, **kwargs)
-    except BaseException:
+    except BaseException as err:
+        # A collective that fails here means another process ended: name it rather than show
+        # gloo's traceback. Any other error is this process's own.
+        ended = _ended_early(others, wait=10.0) if _lost_a_peer(err) else ""
         for p in others:
-            p.terminate()
+            if p.pid is not None and p.exitcode is None:
+                p.terminate()
+        if ended:
+            raise TrainingProcessFailed(f"{ended}; the other processes stopped too, and last.pt "
+                                        "keeps the last finished epoch (resume continues from it)") from None
         raise
     finally:
         for p in others:
-            p.join()
+            if p.pid is not None:      # started (a start that failed leaves nothing to join)
+                p.join()
         if dist.is_initialized():
             dist.destroy_process_group()
         torch.set_num_threads(saved_threads)
@@ -3094,10 +3141,42 @@ def train_in_processes(cfg: TrainConfig, *, device=None, progress: bool = True, 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    failed = [p.exitcode for p in others if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"a training process exited with status {failed[0]}")
+    ended = _ended_early(others, wait=0.0)
+    if ended:
+        raise TrainingProcessFailed(ended)
     return result
+
+
+def _wait_for_start(others: list, readers: list) -> None:
+    """Until every spawned process has said it started its work; one that ends before (its import
+    of the caller's script failed) stops the run here rather than leave rank 0 waiting for it."""
+    while not all(reader.poll() for reader in readers):
+        for rank, (p, reader) in enumerate(zip(others, readers, strict=True), start=1):
+            if p.exitcode is not None and not reader.poll():
+                raise TrainingProcessFailed(
+                    f"training process {rank} ended (status {p.exitcode}) before it started. A script "
+                    'that calls train_in_processes must call it under `if __name__ == "__main__":`, '
+                    "since each process it starts imports the script again")
+        time.sleep(0.05)
+
+
+def _lost_a_peer(err: BaseException) -> bool:
+    """Whether an error is gloo's report of a process that went away mid-collective."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err).lower())
+
+
+def _ended_early(others: list, *, wait: float) -> str:
+    """Which spawned process ended with a failure (waiting up to `wait` seconds for one), or ""."""
+    deadline = time.monotonic() + wait
+    while True:
+        for rank, p in enumerate(others, start=1):
+            if p.exitcode is not None and p.exitcode < 0:
+                return f"training process {rank} was killed ({signal.Signals(-p.exitcode).name})"
+            if p.exitcode:
+                return f"training process {rank} failed (status {p.exitcode}; its message is above)"
+        if time.monotonic() >= deadline:
+            return ""
+        time.sleep(0.05)
 
 
 def _free_port() -> int:
@@ -3107,11 +3186,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _cpu_process_main(rank: int, env: dict, threads: int, cfg: TrainConfig, device, kwargs: dict):
-    """A spawned rank of train_in_processes: joins the run as torchrun would have started it."""
+def _cpu_process_main(rank: int, env: dict, threads: int, cfg: TrainConfig, device, kwargs: dict, started):
+    """A spawned rank of train_in_processes: says it started (on the `started` pipe), then joins
+    the run as torchrun would have started it. Whatever stops it is said in one line: rank 0
+    reports the run's own errors."""
+    started.send(True)
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
-    train(cfg, device=device, **kwargs, progress=False)
+    try:
+        train(cfg, device=device, **kwargs, progress=False)
+    except (TrainingDiverged, KeyboardInterrupt):
+        sys.exit(1)        # every process stops alike; rank 0 says why
+    except Exception as err:
+        why = ("another process of the run ended" if _lost_a_peer(err)
+               else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        print(f"training process {rank} stopped: {why}", file=sys.stderr)
+        sys.exit(1)
 
 
 # =============================================================================================
@@ -4507,7 +4597,7 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Faster R-CNN from scratch: data, train, evaluate, predict, check-data.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("data", help="build the embedded shapes dataset (idempotent)")
-    p.add_argument("--root", default="data/shapes")
+    p.add_argument("--root", default=None, help="where to build it (default: data/shapes in the repository)")
     p.add_argument("--num-train", type=int, default=TrainConfig.num_train)
     p.add_argument("--num-val", type=int, default=TrainConfig.num_val)
     p.add_argument("--seed", type=int, default=0)
@@ -4554,7 +4644,7 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--checkpoint")
     model.add_argument("--onnx", metavar="MODEL_ONNX", help="a model that export wrote, run in onnxruntime")
     p.add_argument("images", nargs="+")
-    p.add_argument("--out", default="runs/predict")
+    p.add_argument("--out", default=None, help="output folder (default: runs/predict)")
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--device", default=None)
 
@@ -4564,11 +4654,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _from_working_directory(args: argparse.Namespace) -> None:
+    """Every path given on the command line is relative to the working directory, as in any CLI;
+    the defaults (None here) stay relative to the repository root, resolved where they are used."""
+    for name in ("root", "data_root", "out", "checkpoint"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, pathlib.Path(getattr(args, name)).absolute())
+    if getattr(args, "init", None) not in (None, "torchvision"):
+        args.init = pathlib.Path(args.init).absolute()
+    # image paths are opened as they are given (from here), and predictions.json names them so
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _from_working_directory(args)
+    if getattr(args, "epochs", None) is not None and args.epochs < 1:
+        parser.error(f"--epochs must be at least 1 (got {args.epochs})")
     if args.command == "data":
-        build_shapes_dataset(resolve(args.root), seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-                             force=args.force)
+        build_shapes_dataset(resolve(args.root or "data/shapes"), seed=args.seed, num_train=args.num_train,
+                             num_val=args.num_val, force=args.force)
         return 0
     if args.command == "check-data":   # exit status 1 when the report lists errors
         cfg = PROFILES[args.profile]
@@ -4591,7 +4696,7 @@ def main(argv=None) -> int:
             train_in_processes(cfg, out_dir=args.out or f"runs/{args.profile}", resume=args.resume,
                                device=args.device, data_root=args.data_root, progress=not args.no_progress,
                                init=args.init, freeze_backbone_epochs=args.freeze_backbone_epochs)
-        except TrainingDiverged as err:
+        except (TrainingDiverged, TrainingProcessFailed) as err:
             print(f"training stopped: {err}", file=sys.stderr)
             return 1
         return 0
@@ -4636,9 +4741,10 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(summary))
         return 0
-    predict_images(model, args.images, out_dir=resolve(args.out), class_names=ckpt["class_names"], device=device,
+    out = resolve(args.out or "runs/predict")
+    predict_images(model, args.images, out_dir=out, class_names=ckpt["class_names"], device=device,
                    score_thresh=args.score_thresh)
-    print(f"wrote {len(args.images)} image(s) and predictions.json to {resolve(args.out)}")
+    print(f"wrote {len(args.images)} image(s) and predictions.json to {out}")
     return 0
 
 

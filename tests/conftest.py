@@ -1,5 +1,7 @@
 """Shared test setup: the repository root on sys.path, a headless matplotlib, a bounded number
-of torch threads, and the `slow` marker.
+of torch threads, the `slow` marker, and a temporary workspace: FRCNN_WORKSPACE points fc.resolve
+(and every process the tests start) at a folder of its own, so the datasets and runs the tests
+build (data/shapes_smoke, runs/...) never land in the checkout; it is removed at the end.
 
 Slow tests (whole notebooks, training runs) run in smoke form by default, so that `make test`
 stays well under a quarter of an hour on 2 CPU cores. `pytest --full` or FRCNN_FULL_TESTS=1 runs
@@ -7,7 +9,9 @@ them at full size instead; such tests ask for the `full_tests` fixture to know w
 """
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import matplotlib
 
@@ -33,6 +37,16 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs a notebook or a training loop; smoke-sized "
                                        "unless --full or FRCNN_FULL_TESTS=1")
+    config.frcnn_saved_workspace = os.environ.get("FRCNN_WORKSPACE")
+    os.environ["FRCNN_WORKSPACE"] = config.frcnn_workspace = tempfile.mkdtemp(prefix="frcnn-tests-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "frcnn_workspace", ""), ignore_errors=True)
+    if getattr(config, "frcnn_saved_workspace", None) is None:
+        os.environ.pop("FRCNN_WORKSPACE", None)
+    else:
+        os.environ["FRCNN_WORKSPACE"] = config.frcnn_saved_workspace
 
 
 @pytest.fixture(scope="session")

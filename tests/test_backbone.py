@@ -192,7 +192,7 @@ def test_fpn_matches_torchvision_feature_pyramid_network():
         ps = ours(cs)
         expected = list(tv({str(i): c for i, c in enumerate(cs)}).values())
     assert len(ps) == len(expected) == 5
-    for p, e in zip(ps, expected):
+    for p, e in zip(ps, expected, strict=True):
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
 
 
@@ -212,7 +212,7 @@ def test_resnet_fpn_backbone_matches_torchvision():
     with torch.no_grad():
         ps = ours(x)
         expected = list(tv(x).values())
-    for p, e in zip(ps, expected):
+    for p, e in zip(ps, expected, strict=True):
         torch.testing.assert_close(p, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
 
 

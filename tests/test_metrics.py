@@ -45,7 +45,7 @@ def random_case(seed):
         gt_labels = rng.integers(1, num_classes + 1, size=num_gt)
         gt_crowd = rng.random(num_gt) < 0.15
         pred_boxes, pred_labels = [], []
-        for box, label in zip(gt_boxes, gt_labels):
+        for box, label in zip(gt_boxes, gt_labels, strict=True):
             for _ in range(int(rng.integers(0, 3))):  # 0: missed, 2: a duplicate
                 wh = box[2:] - box[:2]
                 pred_boxes.append(box + rng.normal(0, 0.12, size=4) * np.concatenate([wh, wh]))

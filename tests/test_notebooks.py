@@ -65,19 +65,29 @@ def assert_not_blank(png: pathlib.Path):
     assert (np.abs(rgb - background).max(axis=-1) > 0.05).mean() > 0.01, f"{png}: nearly empty"
 
 
+def checkout_state() -> dict:
+    """Every file under the checkout's data/ and runs/, with its modification time."""
+    return {p: p.stat().st_mtime_ns for folder in ("data", "runs") if (ROOT / folder).is_dir()
+            for p in (ROOT / folder).rglob("*")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=IDS)
 def test_notebook_runs_and_draws_its_figures(path, tmp_path, full_tests):
     started = time.time()
     failure = None
+    before = checkout_state()
     try:
-        # figures go to tmp_path/images: a test run must not overwrite the committed figures
+        # figures go to tmp_path/images: a test run must not overwrite the committed figures;
+        # data/ and runs/ go to a fresh workspace: the checkout stays as it was, and no notebook
+        # reads what an earlier run left behind (notebook 06 run alone trains its own model)
         run_notebook(path, profile="cpu" if full_tests else "smoke", out_dir=tmp_path,
-                     images_dir=tmp_path / "images")
+                     images_dir=tmp_path / "images", workspace=tmp_path / "workspace")
     except NotebookError as err:
         failure = str(err)  # reported outside the except block: the message alone, no traceback
     if failure:
         pytest.fail(failure, pytrace=False)
+    assert checkout_state() == before, f"{path.name} wrote into the checkout's data/ or runs/"
     written = sorted(p.name for p in (tmp_path / "images").glob("*.png"))
     for figure in declared_figures(path):
         png = tmp_path / figure          # figure is "images/NAME.png"
@@ -107,20 +117,25 @@ def test_runner_names_the_failing_cell(tmp_path):
 
 
 def test_figures_go_where_the_runner_says(tmp_path):
-    """images_dir reaches the notebook (through FRCNN_IMAGES), and the caller's environment is
-    left as it was."""
+    """images_dir reaches the notebook (through FRCNN_IMAGES), workspace reaches fc.resolve
+    (through FRCNN_WORKSPACE), and the caller's environment is left as it was."""
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell('PROFILE = "cpu"', metadata={"tags": ["parameters"]}),
                 nbformat.v4.new_code_cell("import os, pathlib\n"
-                                          "pathlib.Path(os.environ['FRCNN_IMAGES'], 'marker.txt').write_text(PROFILE)")]
+                                          "import frcnn_common as fc\n"
+                                          "pathlib.Path(os.environ['FRCNN_IMAGES'], 'marker.txt').write_text(PROFILE)\n"
+                                          "fc.resolve('runs/marker.txt').parent.mkdir(parents=True)\n"
+                                          "fc.resolve('runs/marker.txt').write_text(PROFILE)")]
     path = tmp_path / "98_images.ipynb"
     nbformat.write(nb, str(path))
-    before = os.environ.get("FRCNN_IMAGES")
+    before = {name: os.environ.get(name) for name in ("FRCNN_IMAGES", "FRCNN_WORKSPACE")}
     (tmp_path / "figs").mkdir()
-    run_notebook(path, profile="smoke", out_dir=tmp_path / "out", images_dir=tmp_path / "figs")
+    run_notebook(path, profile="smoke", out_dir=tmp_path / "out", images_dir=tmp_path / "figs",
+                 workspace=tmp_path / "work")
     assert (tmp_path / "figs" / "marker.txt").read_text() == "smoke"
-    assert os.environ.get("FRCNN_IMAGES") == before
+    assert (tmp_path / "work" / "runs" / "marker.txt").read_text() == "smoke"
+    assert {name: os.environ.get(name) for name in before} == before
 
 
 def test_readme_shows_every_figure():

@@ -228,7 +228,7 @@ def test_sampler_counts_and_torchvision_draws():
     assert all((labels[0][p] >= 1).all() for p in pos[:1]) and (labels[0][neg[0]] == 0).all()
     torch.manual_seed(3)
     ref_pos, ref_neg = BalancedPositiveNegativeSampler(256, 0.5)(labels)
-    for p, n, rp, rn in zip(pos, neg, ref_pos, ref_neg):
+    for p, n, rp, rn in zip(pos, neg, ref_pos, ref_neg, strict=True):
         assert torch.equal(p, torch.where(rp)[0]) and torch.equal(n, torch.where(rn)[0])
 
 

@@ -220,7 +220,7 @@ def test_anchor_fit_equals_all_anchors():
     cfg = SMOKE                                     # a tiny backbone: its feature maps' sizes are what count
     model = fc.build_model(cfg, 2).eval()
     expected = []
-    for (h, w), b in zip(sizes, boxes):
+    for (h, w), b in zip(sizes, boxes, strict=True):
         with torch.no_grad():
             batch, image_sizes, targets = model.transform([torch.zeros(3, h, w)], [{"boxes": b}])
             anchors = model.rpn.anchor_generator(batch.shape[-2:], model.backbone(batch))
@@ -331,3 +331,70 @@ def test_init_then_frozen_backbone_trains_the_heads_only(tmp_path, capsys):
     backbone = [k for k in weights if k.startswith("backbone.") and "running" not in k and "num_batches" not in k]
     assert backbone and all(torch.equal(weights[k], source[k]) for k in backbone)
     assert not torch.equal(weights["rpn.head.conv.weight"], source["rpn.head.conv.weight"])
+
+
+# ---- the readers' remaining layouts -------------------------------------------------------------
+
+def coco_2017_folder(root):
+    """COCO 2017 as downloaded: instances_, captions_ and person_keypoints_ jsons per split in
+    annotations/, images in train2017/ and val2017/."""
+    for split, count in (("train2017", 4), ("val2017", 2)):
+        fc.write_coco_folder(root / "tmp", samples(count), ("__background__", "fox", "owl"))
+        (root / "tmp" / "images").rename(root / split)
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "tmp" / "annotations" / "instances_default.json").rename(root / "annotations" / f"instances_{split}.json")
+        for other in ("captions", "person_keypoints"):   # not boxes: must be left alone
+            (root / "annotations" / f"{other}_{split}.json").write_text('{"images": [], "annotations": []}')
+    return root
+
+
+def test_coco_2017_with_captions_and_keypoints_beside_instances(tmp_path):
+    root = coco_2017_folder(tmp_path / "coco")
+    assert fc.coco_files(root) == {
+        "train": (root / "train2017", root / "annotations" / "instances_train2017.json"),
+        "val": (root / "val2017", root / "annotations" / "instances_val2017.json")}
+    train, val = fc.own_datasets("coco", root, quiet=True)
+    assert len(train) == 4 and len(val) == 2 and train.class_names == ("__background__", "fox", "owl")
+
+
+def test_coco_label_studio_result_json(tmp_path):
+    fc.write_coco_folder(tmp_path / "ls", samples(5), ("__background__", "fox", "owl"))
+    root = tmp_path / "ls"
+    (root / "annotations" / "instances_default.json").rename(root / "result.json")   # Label Studio's name
+    (root / "annotations").rmdir()
+    assert fc.coco_files(root) == {"all": (root / "images", root / "result.json")}
+    train, val = fc.own_datasets("coco", root, seed=0, quiet=True)
+    assert len(train) + len(val) == 5 and len(val) == 1
+
+
+def test_coco_several_jsons_not_one_per_split_is_an_error(tmp_path):
+    fc.write_coco_folder(tmp_path / "x", samples(3), ("__background__", "fox", "owl"))
+    ann = tmp_path / "x" / "annotations"
+    (ann / "instances_default.json").rename(ann / "part1.json")
+    (ann / "part2.json").write_text((ann / "part1.json").read_text())
+    with pytest.raises(fc.DatasetError, match=r"found 2 json files \(part1.json, part2.json\) but not one for "
+                                              r"train and one for val, nor a single one for all"):
+        fc.coco_files(tmp_path / "x")
+
+
+def test_voc_with_train_txt_but_no_val_txt_names_the_missing_file(tmp_path):
+    root = fc.write_voc_folder(tmp_path / "voc", samples(10))
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{i:03d}\n" for i in range(1, 9)))
+    with pytest.raises(fc.DatasetError, match=r"ImageSets/Main/val.txt: cannot read the image set"):
+        fc.own_datasets("voc", root, quiet=True)
+
+
+def test_exif_rotated_photo_is_read_as_stored(tmp_path):
+    """A phone photo whose EXIF says "rotate 90°": its boxes (COCO, VOC) refer to the pixels as
+    stored, so load_image keeps them as stored (48 x 64), not turned (64 x 48)."""
+    pixels = np.zeros((48, 64, 3), np.uint8)
+    pixels[:10, :20] = 255                                   # a white corner, top left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6                                         # Orientation: rotate 90° clockwise to view
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    with Image.open(tmp_path / "photo.jpg") as im:
+        assert im.getexif()[0x0112] == 6
+    image = fc.load_image(tmp_path / "photo.jpg")
+    assert image.shape == (3, 48, 64)
+    assert image[:, :10, :20].mean() > 0.9 and image[:, 20:, 30:].mean() < 0.1

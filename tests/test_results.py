@@ -34,6 +34,8 @@ def copy_of_the_project(tmp_path):
     shutil.copy(ROOT / "images" / "manifest.json", root / "images")
     shutil.copytree(ROOT / "tools", root / "tools", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "notebooks", root / "notebooks")
+    (root / "bench").mkdir()
+    shutil.copy(ROOT / "bench" / "benchmark.py", root / "bench")
     return root
 
 
@@ -85,6 +87,44 @@ def test_guard_fails_when_the_code_changes(tmp_path):
     stale = re.findall(r"stale: (\S+) \(notebooks/02_backbone.ipynb, drawn [^)]*\): the notebook's code changed;", out)
     assert code == 1 and sorted(stale) == sorted(nb.metadata["frcnn"]["figures"]), out
     assert out.count("stale: ") == len(stale), "only the changed notebook's figures"
+
+
+def test_guard_sees_the_code_that_results_run(tmp_path):
+    """A change to a loss, to NMS or to what the benchmark times marks the results stale; a
+    change to docstrings and comments does not."""
+    root = copy_of_the_project(tmp_path)
+    module, original = root / "frcnn_common.py", (root / "frcnn_common.py").read_text()
+    edit(module, "classifier_loss = F.cross_entropy(class_logits, labels)",
+         "classifier_loss = F.cross_entropy(class_logits, labels, label_smoothing=0.1)")
+    code, out = run_guard(root)
+    assert code == 1, out
+    assert "stale: images/loss_curves.png (notebooks/05_training.ipynb, drawn " in out
+    assert "): the frcnn_common code it runs changed; regenerate: make run" in out
+    assert "README.md's 'results' section: the frcnn_common code it runs changed since it was measured" in out
+    assert "README.md's 'bench' section: bench/benchmark.py or the frcnn_common code it times changed" in out
+
+    module.write_text(original.replace("boxes = boxes[order]                                                      # (B, 4) by score",
+                                       "boxes = boxes[order]  # (B, 4), the highest score first")
+                      .replace('"""Greedy non-maximum suppression: visit', '"""Greedy NMS: visit'))
+    assert module.read_text().count("Greedy NMS: visit") == 1 and "the highest score first" in module.read_text()
+    code, out = run_guard(root)
+    assert code == 0, out                                  # docstrings and comments do not count
+
+    module.write_text(original + "\nNOTHING_USES_THIS = 1\n")
+    code, out = run_guard(root)
+    assert code == 0, out                                  # nor code that no result runs
+
+    module.write_text(original)
+    edit(module, "threshold = _float32_above(iou_threshold)", "threshold = _float32_above(0.9 * iou_threshold)")
+    code, out = run_guard(root)
+    assert code == 1 and "stale: images/detections_gallery.png (notebooks/06_inference.ipynb" in out, out
+    assert "README.md's 'results' section: the frcnn_common code it runs changed" in out
+
+    module.write_text(original)
+    bench = root / "bench" / "benchmark.py"
+    bench.write_text(bench.read_text() + "\nEXTRA_RUNS = 3\n")
+    code, out = run_guard(root)
+    assert code == 1 and out.count("stale: ") == 1 and "'bench' section" in out, out
 
 
 def test_guard_names_missing_and_foreign_figures(tmp_path):
@@ -159,13 +199,16 @@ def test_stale_readme_section_is_named():
     line = results_guard.fingerprint_line()
     current = "<!-- begin results -->\nx\n" + line + "\n<!-- end results -->\n"
     side = "<!-- begin side_by_side -->\ny\n" + line + "\n<!-- end side_by_side -->\n"
-    assert results_guard.stale_sections(current + side) == []
-    old = line.replace(json.dumps(results_guard.profile_fingerprint("cpu"), sort_keys=True),
-                       json.dumps({"dataset": results_guard.profile_fingerprint("cpu")["dataset"], "profile": "0"}))
-    assert results_guard.stale_sections(current.replace(line, old) + side) == [
+    bench = "<!-- begin bench -->\nz\n" + results_guard.fingerprint_line("bench") + "\n<!-- end bench -->\n"
+    assert results_guard.stale_sections(current + side + bench) == []
+    recorded = results_guard.section_fingerprint("results")
+    old = line.replace(json.dumps(recorded, sort_keys=True), json.dumps({**recorded, "profile": "0"}, sort_keys=True))
+    assert results_guard.stale_sections(current.replace(line, old) + side + bench) == [
         "README.md's 'results' section: the cpu profile's settings changed since it was measured; regenerate: make run"]
-    assert results_guard.stale_sections(current) == [
+    assert results_guard.stale_sections(current + bench) == [
         "README.md's 'side_by_side' section records no fingerprint; regenerate: make side-by-side"]
+    assert results_guard.stale_sections(current + side) == [
+        "README.md's 'bench' section records no fingerprint; regenerate: make bench"]
 
 
 def test_side_by_side_section_is_written_from_its_json(tmp_path):
@@ -183,4 +226,5 @@ def test_side_by_side_section_is_written_from_its_json(tmp_path):
     assert "| ours (frcnn_common) | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 900 |" in text
     assert "| torchvision's RPN and RoI heads | 0.250 |" in text and "(2 processes x 2 images a step), 3 epochs (the profile trains 10;" in text
     assert "Command: `python bench/train_side_by_side.py --profile cpu --epochs 3`." in text
-    assert results_guard.stale_sections(text.replace("side_by_side", "results") + text) == []
+    bench = "<!-- begin bench -->\n" + results_guard.fingerprint_line("bench") + "\n<!-- end bench -->\n"
+    assert results_guard.stale_sections(text.replace("side_by_side", "results") + text + bench) == []

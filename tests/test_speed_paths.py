@@ -100,7 +100,7 @@ def test_resnet_fold_batchnorm_keeps_its_outputs():
         expected = net(x)
         net.fold_batchnorm()
         assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
-        for a, b in zip(net(x), expected):
+        for a, b in zip(net(x), expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
         net.fold_batchnorm()  # nothing left to fold: a no-op
         torch.testing.assert_close(net(x)[-1], expected[-1], rtol=1e-4, atol=1e-4 * expected[-1].abs().max().item())
@@ -139,7 +139,7 @@ def test_fused_detector_gives_the_same_detections(detector):
     images = [photo, photo[:, 100:400, 50:333].contiguous()]
     with torch.inference_mode():
         expected, got = detector(images), fused(images)
-    for det, ref in zip(got, expected):
+    for det, ref in zip(got, expected, strict=True):
         assert len(ref["boxes"]) > 0 and len(det["boxes"]) == len(ref["boxes"])
         assert torch.equal(det["labels"], ref["labels"])
         torch.testing.assert_close(det["scores"], ref["scores"], atol=1e-4, rtol=0)
@@ -177,7 +177,7 @@ def test_eval_mode_runs_the_fused_copy_by_default(detector):
         assert fc.inference_backbone(model) is backbone             # cached
         assert not any(isinstance(m, fc.FrozenBatchNorm2d) for m in backbone.modules())
         assert backbone.body.layer2[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
-    for det, ref in zip(got, expected):
+    for det, ref in zip(got, expected, strict=True):
         assert len(ref["boxes"]) > 0 and len(det["boxes"]) == len(ref["boxes"])
         assert torch.equal(det["labels"], ref["labels"])
         torch.testing.assert_close(det["scores"], ref["scores"], atol=1e-4, rtol=0)
@@ -226,7 +226,7 @@ def test_train_after_eval_trains_the_real_modules():
     model.eval()
     with torch.inference_mode():
         got, expected = model(images), fresh(images)
-    for det, ref in zip(got, expected):
+    for det, ref in zip(got, expected, strict=True):
         assert torch.equal(det["labels"], ref["labels"]) and torch.equal(det["boxes"], ref["boxes"])
         assert torch.equal(det["scores"], ref["scores"])
 
@@ -280,7 +280,7 @@ def test_multiscale_roi_align_in_pieces_equals_torchvision(channels_last):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     (ours * weights).sum().backward()
     (ref * weights).sum().backward()
-    for a, b in zip(ours_feats, ref_feats):
+    for a, b in zip(ours_feats, ref_feats, strict=True):
         grad = torch.zeros_like(a) if a.grad is None else a.grad  # a level no RoI uses gets no gradient
         torch.testing.assert_close(grad, b.grad, atol=1e-4, rtol=1e-4)
 

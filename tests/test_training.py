@@ -3,8 +3,11 @@ evaluate and predict answer as README's public interface says."""
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -17,9 +20,9 @@ ROOT = pathlib.Path(fc.__file__).resolve().parent
 SMOKE = replace(fc.PROFILES["smoke"], num_workers=0)
 
 
-def run_cli(*args, timeout=600):
+def run_cli(*args, timeout=600, cwd=ROOT):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "frcnn_common", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "frcnn_common", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -141,6 +144,91 @@ def test_gt_share_counts_the_joined_ground_truth_among_the_positives():
     assert heads.gt_share == 1.0
 
 
+def test_one_non_finite_step_among_good_ones_changes_nothing(monkeypatch):
+    """Batches good, poisoned, good: the poisoned step leaves the weights, the optimiser and the
+    schedule as they were, and training goes on: the run equals one without that batch."""
+    train_set, _ = fc.make_datasets(SMOKE, quiet=True)
+    batches = [fc.collate_fn([train_set[i] for i in range(j, j + 2)]) for j in (0, 2, 4)]
+    cpu = torch.device("cpu")
+
+    def run(loader, poisoned):
+        torch.manual_seed(0)
+        model = fc.build_model(replace(SMOKE, norm="frozen"), len(train_set.class_names))
+        make_sampling_deterministic(model)
+        optimizer = fc.make_optimizer(SMOKE, model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 / (1 + it))
+        history = {k: [] for k in ("step", "lr", "rpn_objectness", "rpn_box", "roi_classifier", "roi_box", "loss")}
+        real_forward, calls = fc.FasterRCNN.forward, []
+
+        def forward(self, images, targets=None):
+            out = real_forward(self, images, targets)
+            calls.append(1)
+            if len(calls) - 1 in poisoned:
+                out["roi_box"] = out["roi_box"] * float("nan")
+            return out
+
+        monkeypatch.setattr(fc.FasterRCNN, "forward", forward)
+        fc.train_one_epoch(model, loader, optimizer, scheduler, device=cpu, history=history, progress=False)
+        monkeypatch.undo()
+        return model, optimizer, scheduler, history
+
+    model, optimizer, scheduler, history = run(batches, poisoned={1})
+    ref_model, ref_optimizer, ref_scheduler, ref_history = run([batches[0], batches[2]], poisoned=set())
+    assert history["step"] == [0, 1] and scheduler.last_epoch == ref_scheduler.last_epoch == 2
+    assert history["loss"] == pytest.approx(ref_history["loss"], rel=1e-5)
+    for key, value in ref_model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    steps = {s["step"].item() for s in optimizer.state_dict()["state"].values()}
+    assert steps == {2.0}          # AdamW counted two steps, not three
+
+
+def test_best_pt_holds_the_best_epoch(tmp_path, monkeypatch):
+    """Validation AP 0.2, 0.5, 0.4: best.pt is epoch 2's, last.pt epoch 3's."""
+    aps = iter([0.2, 0.5, 0.4])
+    monkeypatch.setattr(fc, "evaluate_model", lambda *a, **k: {key: next(aps) if key == "AP" else 0.0
+                                                               for key in fc.COCO_METRIC_KEYS})
+    fc.train(replace(SMOKE, epochs=3), out_dir=tmp_path, progress=False)
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["epoch"] == 2 and best["best_ap"] == 0.5
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 3
+
+
+def test_backbone_frozen_then_trainable_again(tmp_path, monkeypatch):
+    """freeze_backbone_epochs=1: after epoch 1 the backbone is as it started (BatchNorm's running
+    statistics aside), after epoch 2 it has changed; the heads change in both."""
+    model = fc.build_model(SMOKE, len(fc.SHAPES_CLASSES))
+    snapshots = [{k: v.clone() for k, v in model.state_dict().items()}]
+    real_end_epoch = fc.end_epoch
+
+    def end_epoch(run, **kwargs):
+        snapshots.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        real_end_epoch(run, **kwargs)
+
+    monkeypatch.setattr(fc, "end_epoch", end_epoch)
+    fc.train(SMOKE, out_dir=tmp_path, progress=False, model=model, freeze_backbone_epochs=1)
+    start, epoch1, epoch2 = snapshots
+    weights = [k for k in start if k.startswith("backbone.") and "running" not in k and "num_batches" not in k]
+    assert weights and all(torch.equal(epoch1[k], start[k]) for k in weights)
+    assert all(not torch.equal(epoch2[k], epoch1[k]) for k in weights if k.endswith("conv1.weight"))
+    assert not torch.equal(epoch1["rpn.head.conv.weight"], start["rpn.head.conv.weight"])
+    assert not torch.equal(epoch2["rpn.head.conv.weight"], epoch1["rpn.head.conv.weight"])
+
+
+def test_cli_training_diverged_exits_1(tmp_path):
+    """TrainingDiverged through `python -m frcnn_common train`: status 1, one line naming last.pt."""
+    code = ("import runpy, sys, torch, torch.nn.functional as F\n"
+            "real = F.smooth_l1_loss\n"
+            "F.smooth_l1_loss = lambda *a, **k: real(*a, **k) * float('nan')\n"
+            f"sys.argv = ['frcnn_common', 'train', '--profile', 'smoke', '--out', {str(tmp_path)!r}, '--no-progress']\n"
+            "runpy.run_module('frcnn_common', run_name='__main__')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"training stopped: 5 non-finite losses in a row; the last good checkpoint is {tmp_path / 'last.pt'}"
+
+
 def test_train_one_epoch_is_the_loop(tmp_path):
     """train_one_epoch alone: one optimiser step and one history entry per batch, the schedule
     stepped with it, the losses falling on a batch seen again and again."""
@@ -248,13 +336,65 @@ def test_ddp_two_processes_give_the_same_gradients_as_one(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train(tmp_path):
+    """torchrun's two processes train as DDP (half of each step's images each), and end with the
+    weights of the same run that train_in_processes starts itself."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "-m", "frcnn_common", "train", "--profile", "smoke", "--out", str(tmp_path),
+                             "-m", "frcnn_common", "train", "--profile", "smoke", "--out", str(tmp_path / "torchrun"),
                              "--epochs", "1", "--no-progress"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "last.pt").is_file() and (tmp_path / "metrics.json").is_file()
+    saved = json.loads((tmp_path / "torchrun" / "metrics.json").read_text())
+    assert saved["processes"] == 2 and saved["total_steps"] == SMOKE.max_train_images // (2 * SMOKE.batch_size)
+    assert len(saved["history"]["loss"]) == saved["total_steps"]
+    torchrun = torch.load(tmp_path / "torchrun" / "last.pt", weights_only=False)["model"]
+    threads = torch.get_num_threads()
+    try:
+        fc.train_in_processes(replace(fc.PROFILES["smoke"], cpu_processes=2, epochs=1), out_dir=tmp_path / "spawned",
+                              device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    spawned = torch.load(tmp_path / "spawned" / "last.pt", weights_only=False)["model"]
+    assert torchrun.keys() == spawned.keys()
+    for key, value in spawned.items():
+        torch.testing.assert_close(torchrun[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+
+def _train_two_processes(out, **kwargs):
+    """A deterministic 2-process smoke run (train_in_processes), leaving this process's
+    settings as they were."""
+    threads = torch.get_num_threads()
+    try:
+        return fc.train_in_processes(replace(SMOKE, cpu_processes=2), out_dir=out, device="cpu",
+                                     progress=False, deterministic=True, **kwargs)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_two_process_resume_ends_with_the_same_weights(tmp_path):
+    """Each rank draws its own RPN and RoI samples: a checkpoint holds every rank's random state
+    and each rank gets its own back, so a 2-process run stopped after epoch 1 and resumed ends
+    with the uninterrupted run's weights, tensor for tensor."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    _train_two_processes(tmp_path / "full")
+    _train_two_processes(tmp_path / "resumed", stop_after_epochs=1)
+    first = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert first["epoch"] == 1 and len(first["rng"]) == 2
+    assert not torch.equal(first["rng"][0]["torch"], first["rng"][1]["torch"])  # two different states
+    _train_two_processes(tmp_path / "resumed", resume=True)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    uninterrupted = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    assert resumed["epoch"] == uninterrupted["epoch"] == 2
+    assert resumed["model"].keys() == uninterrupted["model"].keys()
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    assert resumed["history"]["loss"] == uninterrupted["history"]["loss"]
 
 
 @pytest.mark.slow
@@ -276,6 +416,92 @@ def test_cpu_processes_train_as_ddp_without_torchrun(tmp_path, capsys):
     fc.load_checkpoint(tmp_path / "last.pt")
 
 
+
+SCRIPT = """import sys
+sys.path.insert(0, {root!r})
+from dataclasses import replace
+import frcnn_common as fc
+cfg = replace(fc.PROFILES["smoke"], cpu_processes=2, num_workers=0, epochs={epochs})
+{call}
+"""
+
+
+def run_script(tmp_path, call, *, epochs=2):
+    script = tmp_path / "train_smoke.py"
+    script.write_text(SCRIPT.format(root=str(ROOT), epochs=epochs, call=call.format(out=str(tmp_path / "out"))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_process_that_never_starts_ends_the_run_at_once(tmp_path):
+    """A new user's script without the main guard: the spawned rank cannot start (it imports the
+    script again), and the run ends within seconds saying so, instead of rank 0 waiting for it."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    started = time.monotonic()
+    process = run_script(tmp_path, 'fc.train_in_processes(cfg, out_dir={out!r}, device="cpu", progress=False)')
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert time.monotonic() - started < 60 and process.returncode != 0
+    assert stderr.count("Traceback") == 1, stderr                 # the script's own error, once
+    assert "NoneType" not in stderr and "can only join" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("frcnn_common.TrainingProcessFailed: training process 1 ended"), last
+    assert 'under `if __name__ == "__main__":`' in last
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_run_stops_the_others_in_one_line(tmp_path):
+    """SIGTERM to rank 1 in epoch 2: rank 0 (here) stops at once with TrainingProcessFailed,
+    naming it; last.pt keeps epoch 1."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    out = tmp_path / "run"
+
+    def kill_rank_1_after_epoch_1():
+        while not (out / "last.pt").exists():
+            time.sleep(0.02)
+        for child in mp.active_children():
+            os.kill(child.pid, signal.SIGTERM)
+
+    killer = threading.Thread(target=kill_rank_1_after_epoch_1, daemon=True)
+    killer.start()
+    with pytest.raises(fc.TrainingProcessFailed, match=r"^training process 1 was killed \(SIGTERM\)") as info:
+        fc.train_in_processes(replace(SMOKE, cpu_processes=2, epochs=4), out_dir=out, device="cpu", progress=False)
+    assert "\n" not in str(info.value)
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] < 4     # it did stop early
+    fc.load_checkpoint(out / "last.pt")                                      # and last.pt is whole
+    assert not torch.distributed.is_initialized() and "WORLD_SIZE" not in os.environ
+
+
+@pytest.mark.slow
+def test_rank_0_killed_mid_run_stops_the_others_in_one_line(tmp_path):
+    """SIGTERM to rank 0 (the script) in epoch 2: rank 1 ends within seconds with one line,
+    no gloo traceback."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    process = run_script(tmp_path, 'if __name__ == "__main__":\n'
+                                   '    fc.train_in_processes(cfg, out_dir={out!r}, device="cpu", progress=False)',
+                         epochs=4)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "out" / "last.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        killed = time.monotonic()
+        _, stderr = process.communicate(timeout=60)   # returns when rank 1, which shares the pipe, ends
+    finally:
+        process.kill()
+    assert time.monotonic() - killed < 20
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "training process 1 stopped: another process of the run ended"
+    fc.load_checkpoint(tmp_path / "out" / "last.pt")
+
+
 # ------------------------------------------------------------------------------------- CLI
 
 def test_cli_evaluate_json_and_predict(smoke_run, tmp_path):
@@ -290,13 +516,27 @@ def test_cli_evaluate_json_and_predict(smoke_run, tmp_path):
     direct = fc.evaluate_model(model, fc.subset(val, SMOKE.max_val_images), device="cpu", progress=False)
     assert summary["AP"] == pytest.approx(direct["AP"], abs=1e-9)  # the CLI reports what the code computes
 
-    image = ROOT / "data" / "shapes_smoke" / "val" / sorted(os.listdir(ROOT / "data/shapes_smoke/val"))[0]
+    image = sorted(fc.resolve("data/shapes_smoke/val").glob("*.png"))[0]
+    with torch.no_grad():
+        direct = model([fc.load_image(image)])[0]
+    assert len(direct["scores"]) > 4, "the model must detect something for the threshold to bite"
+    thresh = direct["scores"].median().item()           # keeps about half of the detections
     result = run_cli("predict", "--checkpoint", str(out / "last.pt"), str(image), "--out", str(tmp_path),
-                     "--score-thresh", "0.0")
+                     "--score-thresh", str(thresh))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / (image.stem + ".png")).is_file()
     predictions = json.loads((tmp_path / "predictions.json").read_text())
-    assert predictions[0]["image"] == str(image) and len(predictions[0]["boxes"]) == len(predictions[0]["names"])
+    assert len(predictions) == 1 and predictions[0]["image"] == str(image)
+    got, keep = predictions[0], direct["scores"] >= thresh
+    assert 0 < len(got["scores"]) == keep.sum() < len(direct["scores"])
+    assert min(got["scores"]) >= thresh
+    torch.testing.assert_close(torch.tensor(got["scores"]), direct["scores"][keep], rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(got["boxes"]), direct["boxes"][keep], rtol=0, atol=1e-3)
+    height, width = fc.load_image(image).shape[-2:]
+    boxes = torch.tensor(got["boxes"])
+    assert (boxes >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    assert got["labels"] == direct["labels"][keep].tolist() and all(1 <= k < len(val.class_names) for k in got["labels"])
+    assert got["names"] == [val.class_names[k] for k in got["labels"]]
 
 
 def test_cli_errors_are_clear(tmp_path):
@@ -363,3 +603,48 @@ def test_funnel_blames_the_rpn_when_it_keeps_one_proposal(smoke_run):
     for image, row in per_image.items():
         assert sum(row.values()) - row["rpn"] <= 1, (image, row)
     assert sum(row["rpn"] for row in per_image.values()) >= len(records) - len(per_image)
+
+
+def test_cli_paths_are_relative_to_the_working_directory(tmp_path):
+    """Run from another folder, every path given on the command line (data --root, --data-root,
+    --out, --checkpoint, images) means a path there, as in any CLI; nothing lands in the checkout.
+    The same run covers `data`, `train --resume`, and `evaluate --data`."""
+    before = set(ROOT.iterdir())
+    result = run_cli("data", "--root", "mine", "--num-train", "40", "--num-val", "10", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "mine" / "train").glob("*.png"))) == 40
+    train = ("train", "--profile", "smoke", "--data-root", "mine", "--out", "run", "--no-progress")
+    result = run_cli(*train, "--epochs", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 1
+    result = run_cli(*train, "--epochs", "2", "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'run' / 'last.pt'} after epoch 1" in result.stdout
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 2
+
+    result = run_cli("evaluate", "--checkpoint", "run/last.pt", "--data", "shapes", "--data-root", "mine",
+                     "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["images"] == SMOKE.max_val_images
+    image = sorted((tmp_path / "mine" / "val").glob("*.png"))[0]
+    result = run_cli("predict", "--checkpoint", "run/last.pt", f"mine/val/{image.name}", "--out", "predicted",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "predicted" / "predictions.json").is_file()
+    assert set(ROOT.iterdir()) == before     # no mine/, run/ or predicted/ in the checkout
+
+
+def test_cli_epochs_must_be_positive(tmp_path):
+    result = run_cli("train", "--profile", "smoke", "--epochs", "0", "--out", str(tmp_path))
+    assert result.returncode == 2 and "--epochs" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_relative_paths_follow_the_workspace(tmp_path, monkeypatch):
+    """FRCNN_WORKSPACE (which the tests and the notebook runner set) takes the repository root's
+    place for relative paths; absolute paths stay as they are."""
+    monkeypatch.setenv("FRCNN_WORKSPACE", str(tmp_path))
+    assert fc.resolve("runs/smoke") == tmp_path / "runs" / "smoke"
+    assert fc.resolve(ROOT / "x") == ROOT / "x"
+    monkeypatch.delenv("FRCNN_WORKSPACE")
+    assert fc.resolve("runs/smoke") == ROOT / "runs" / "smoke"

@@ -9,18 +9,24 @@ figures: for each one, the notebook that drew it, the profile, and a fingerprint
 its meaning,
 
     notebook   the notebook's code cells (and any parameter the runner set besides PROFILE)
+    code       the frcnn_common code the notebook runs: every function, class and constant of the
+               module that its code cells name (fc.NAME), and all that those name in turn, as
+               ast.unparse writes them without docstrings (so comments and docstrings do not count)
     profile    every setting of the profile (frcnn_common.PROFILES[profile])
     dataset    the embedded dataset's class list and generator version
 
 each a short hash. This check recomputes the fingerprints from the current code and names each
 figure whose meaning has changed since it was drawn, with the command that draws it again.
-README's generated results sections (tools/results_table.py) end with a hidden line that records
-the profile and dataset fingerprints they were measured with; they are checked the same way.
+README's generated sections end with a hidden line that records what they were measured with;
+they are checked the same way: the results tables (tools/results_table.py) the profile, the
+dataset and the code that training and evaluation run (TRAINING), the speed table (`make bench`,
+tools/readme_section.py) bench/benchmark.py and the frcnn_common code it times.
 tests/test_results.py runs the check, so `make test` fails on a stale result.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import hashlib
 import json
@@ -39,11 +45,15 @@ import frcnn_common as fc  # noqa: E402  (the code whose state the fingerprints 
 NOTEBOOKS = ROOT / "notebooks"
 IMAGES = ROOT / "images"
 README = ROOT / "README.md"
-README_SECTIONS = {"results": "make run", "side_by_side": "make side-by-side"}   # name -> what rewrites it
+README_SECTIONS = {"results": "make run", "side_by_side": "make side-by-side",   # name -> what rewrites it
+                   "bench": "make bench"}
+BENCHMARK = ROOT / "bench" / "benchmark.py"    # what writes the "bench" section
 MANIFEST = "manifest.json"
 COMMITTED_PROFILE = "cpu"   # the profile of the committed figures and of README's results
-WHAT = {"notebook": "the notebook's code", "profile": "the {profile} profile's settings",
-        "dataset": "the embedded dataset's classes or generator"}
+TRAINING = ("train_in_processes", "evaluate_model", "load_checkpoint")   # what README's results ran
+WHAT = {"notebook": "the notebook's code", "code": "the frcnn_common code it runs",
+        "profile": "the {profile} profile's settings", "dataset": "the embedded dataset's classes or generator",
+        "bench": "bench/benchmark.py or the frcnn_common code it times"}
 
 
 def _digest(obj) -> str:
@@ -57,11 +67,67 @@ def profile_fingerprint(profile: str) -> dict[str, str]:
             "dataset": _digest({"classes": list(fc.SHAPES_CLASSES), "generator": fc._SHAPES_VERSION})}
 
 
+def _without_docstrings(node: ast.AST) -> ast.AST:
+    """The node with the docstring of every module, class and function in it removed (in place)."""
+    for n in ast.walk(node):
+        body = getattr(n, "body", None)
+        if (isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            n.body = body[1:] or [ast.Pass()]
+    return node
+
+
+def _definitions() -> dict[str, ast.AST]:
+    """frcnn_common's top-level functions, classes and assigned names, each with its statement."""
+    tree = ast.parse((ROOT / "frcnn_common.py").read_text())
+    found = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        found[name.id] = node
+    return found
+
+
+def code_fingerprint(roots) -> str:
+    """The hash of the frcnn_common code that `roots` (names in the module) run: their source and
+    that of every module-level name they use, transitively; docstrings and comments do not count.
+    The profiles and the class list are left out: the profile and dataset components say those."""
+    definitions = {name: node for name, node in _definitions().items()
+                   if name not in ("PROFILES", "SHAPES_CLASSES", "_SHAPES_VERSION")}
+    used, todo = set(), [name for name in roots if name in definitions]
+    while todo:
+        name = todo.pop()
+        if name not in used:
+            used.add(name)
+            todo += [n.id for n in ast.walk(definitions[name]) if isinstance(n, ast.Name) and n.id in definitions]
+    return _digest({name: ast.unparse(_without_docstrings(definitions[name])) for name in sorted(used)})
+
+
+def _module_names(source: str) -> set[str]:
+    """The frcnn_common names that code refers to as fc.NAME."""
+    return set(re.findall(r"\bfc\.([A-Za-z_]\w*)", source))
+
+
 def fingerprint(notebook: pathlib.Path, profile: str, parameters: dict | None = None) -> dict[str, str]:
     """What gives a notebook's figures their meaning, as {component: hash}."""
     nb = nbformat.read(str(notebook), as_version=4)
     code = [cell.source for cell in nb.cells if cell.cell_type == "code"]
-    return {"notebook": _digest({"code": code, "parameters": parameters or {}}), **profile_fingerprint(profile)}
+    return {"notebook": _digest({"code": code, "parameters": parameters or {}}),
+            "code": code_fingerprint(sorted(_module_names("\n".join(code)))), **profile_fingerprint(profile)}
+
+
+def section_fingerprint(name: str) -> dict[str, str]:
+    """What a generated README section's numbers depend on, as {component: hash}."""
+    if name == "bench":
+        source = BENCHMARK.read_text()
+        script = ast.unparse(_without_docstrings(ast.parse(source)))
+        return {"bench": _digest({"script": script, "code": code_fingerprint(sorted(_module_names(source)))})}
+    return {**profile_fingerprint(COMMITTED_PROFILE), "code": code_fingerprint(TRAINING)}
 
 
 def _command(notebook: str, profile: str) -> str:
@@ -120,23 +186,26 @@ def stale_figures(images_dir: pathlib.Path = IMAGES, notebooks_dir: pathlib.Path
     return problems
 
 
-def fingerprint_line() -> str:
+def fingerprint_line(name: str = "results") -> str:
     """The hidden last line of a generated README section: what its numbers were measured with."""
-    return (f"<!-- describes: profile {COMMITTED_PROFILE}, fingerprint "
-            f"{json.dumps(profile_fingerprint(COMMITTED_PROFILE), sort_keys=True)} -->")
+    describes = "bench" if name == "bench" else f"profile {COMMITTED_PROFILE}"
+    return f"<!-- describes: {describes}, fingerprint {json.dumps(section_fingerprint(name), sort_keys=True)} -->"
 
 
 def stale_sections(readme: str) -> list[str]:
     """One line for each generated README section whose recorded fingerprint is not the code's."""
-    problems, current = [], profile_fingerprint(COMMITTED_PROFILE)
+    problems = []
     for name, command in README_SECTIONS.items():
+        current = section_fingerprint(name)
         match = re.search(f"<!-- begin {name} -->(.*?)<!-- end {name} -->", readme, flags=re.S)
-        recorded = match and re.search(r"<!-- describes: profile (\w+), fingerprint (\{.*?\}) -->", match.group(1))
+        recorded = match and re.search(r"<!-- describes: (?:profile )?(\w+), fingerprint (\{.*?\}) -->",
+                                       match.group(1))
         if not recorded:
             problems.append(f"README.md's '{name}' section records no fingerprint; regenerate: {command}")
             continue
         old = json.loads(recorded.group(2))
-        why = [f"measured with PROFILE={recorded.group(1)}"] if recorded.group(1) != COMMITTED_PROFILE else []
+        expected = "bench" if name == "bench" else COMMITTED_PROFILE
+        why = [f"measured with PROFILE={recorded.group(1)}"] if recorded.group(1) != expected else []
         why += [WHAT[k].format(profile=COMMITTED_PROFILE) + " changed" for k in current if old.get(k) != current[k]]
         if why:
             problems.append(f"README.md's '{name}' section: {'; '.join(why)} since it was measured; "

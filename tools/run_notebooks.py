@@ -1,6 +1,7 @@
 """Run the notebooks headless with papermill: the one runner behind `make run` and the tests.
 
-    python tools/run_notebooks.py [--profile smoke|cpu|full] [--out DIR] [--images DIR] [NOTEBOOK_OR_GLOB ...]
+    python tools/run_notebooks.py [--profile smoke|cpu|full] [--out DIR] [--images DIR] [--workspace DIR]
+                                  [NOTEBOOK_OR_GLOB ...]
 
 With no notebook named, every notebooks/*.ipynb runs, in name order (the series is numbered, and
 a later notebook may read what an earlier one wrote, as 06 reads 05's checkpoint), except that a
@@ -12,7 +13,11 @@ papermill parameter PROFILE set; the executed copy (with its outputs) goes to DI
 The figures a notebook draws land in images/ under the repository root, as in a manual run,
 or in the folder that --images (images_dir) names: the notebooks read it from the environment
 variable FRCNN_IMAGES. The tests send their smoke figures there, so a test run never overwrites
-the committed figures of a `make run`.
+the committed figures of a `make run`. Likewise --workspace (workspace) sends the datasets and
+runs (data/..., runs/...) to another folder through FRCNN_WORKSPACE, which fc.resolve honours:
+a notebook builds every such path with fc.resolve("data/...") or fc.resolve("runs/..."), never
+ROOT / "data" (the tests run each notebook in a fresh workspace, so that nothing lands in the
+checkout and no notebook reads what an earlier test run left behind).
 
 The first failing notebook stops the run: the runner names the notebook, the failing cell
 (its index in the notebook as committed, and the first line of its source) and the exception,
@@ -76,10 +81,12 @@ def _source_cell_index(nb: nbformat.NotebookNode, executed_index: int) -> int | 
 
 
 def run_notebook(path: str | pathlib.Path, *, profile: str, out_dir: str | pathlib.Path = DEFAULT_OUT,
-                 parameters: dict | None = None, images_dir: str | pathlib.Path | None = None) -> float:
+                 parameters: dict | None = None, images_dir: str | pathlib.Path | None = None,
+                 workspace: str | pathlib.Path | None = None) -> float:
     """Execute one notebook with PROFILE=`profile` (plus any other `parameters`) from the
     repository root; write the executed copy to `out_dir`; return the wall time in seconds.
-    images_dir: where the notebook's figures go (default: the repository's images/).
+    images_dir: where the notebook's figures go (default: the repository's images/);
+    workspace: where its data/ and runs/ go (default: the repository's, or FRCNN_WORKSPACE's).
 
     Raises NotebookError, with a one-paragraph message, when a cell fails or the kernel dies.
     """
@@ -95,10 +102,13 @@ def run_notebook(path: str | pathlib.Path, *, profile: str, out_dir: str | pathl
     out_path = out_dir / path.name
     name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
-    # The kernel inherits this process's environment: that is how the notebook learns images_dir.
-    saved_images_env = os.environ.get("FRCNN_IMAGES")
-    if images_dir is not None:
-        os.environ["FRCNN_IMAGES"] = str(pathlib.Path(images_dir).resolve())
+    # The kernel inherits this process's environment: that is how the notebook learns images_dir
+    # and workspace.
+    settings = {"FRCNN_IMAGES": images_dir, "FRCNN_WORKSPACE": workspace}
+    saved_env = {variable: os.environ.get(variable) for variable in settings}
+    for variable, folder in settings.items():
+        if folder is not None:
+            os.environ[variable] = str(pathlib.Path(folder).resolve())
     start, started_at = time.perf_counter(), time.time()
     try:
         papermill.execute_notebook(
@@ -120,11 +130,11 @@ def run_notebook(path: str | pathlib.Path, *, profile: str, out_dir: str | pathl
     except Exception as err:  # a dead kernel, a timeout, an unreadable notebook
         raise NotebookError(f"{name} did not run: {type(err).__name__}: {err}") from None
     finally:
-        if images_dir is not None:
-            if saved_images_env is None:
-                os.environ.pop("FRCNN_IMAGES", None)
+        for variable, value in saved_env.items():
+            if value is None:
+                os.environ.pop(variable, None)
             else:
-                os.environ["FRCNN_IMAGES"] = saved_images_env
+                os.environ[variable] = value
     seconds = time.perf_counter() - start
     # What the figures just drawn describe: images/manifest.json (tools/results_guard.py).
     from tools.results_guard import record
@@ -188,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the executed copies go (default: build/notebooks/)")
     parser.add_argument("--images", default=None,
                         help="where the figures go (default: images/ under the repository root)")
+    parser.add_argument("--workspace", default=None,
+                        help="where data/ and runs/ go (default: the repository root's)")
     parser.add_argument("notebooks", nargs="*", help="notebook names or globs (default: all, in order)")
     args = parser.parse_args(argv)
 
@@ -202,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in notebooks:
         print(f"{path.name:<28} PROFILE={args.profile} ...", end=" ", flush=True)
         try:
-            seconds = run_notebook(path, profile=args.profile, out_dir=args.out, images_dir=args.images)
+            seconds = run_notebook(path, profile=args.profile, out_dir=args.out, images_dir=args.images,
+                                   workspace=args.workspace)
         except NotebookError as err:
             print("FAILED")
             print(f"run_notebooks: {err}", file=sys.stderr)
