@@ -323,7 +323,7 @@ def machine_info(device: torch.device, flush_denormals: bool) -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "flush_denormals": flush_denormals,
-            "device": str(device)}
+            "device": str(device), "load_at_start": round(os.getloadavg()[0], 2)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -341,7 +341,9 @@ def markdown_report(args, machine, date, peak, inference, training, memory, flop
              f"torchvision {machine['torchvision']}; OMP_WAIT_POLICY={machine['omp_wait_policy']}; "
              f"denormals {'flushed' if machine['flush_denormals'] else 'kept'}; "
              f"{'bf16 autocast; ' if args.amp else ''}median of {args.runs} interleaved runs after a warm-up; "
-             f"measured {'bf16' if args.amp else 'fp32'} matmul peak {peak:,.0f} GFLOP/s.",
+             f"measured {'bf16' if args.amp else 'fp32'} matmul peak {peak:,.0f} GFLOP/s; load average "
+             f"{machine['load_at_start']} when it started"
+             f"{'' if machine['load_at_start'] < 0.5 else ' (not a quiet machine: not timings for the record)'}.",
              "",
              "\"ours\" is the default path: for inference the model in eval mode, which runs a folded copy of "
              "its backbone (BatchNorm folded into the convolutions, channels_last), for training the model in channels_last "

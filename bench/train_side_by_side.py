@@ -16,6 +16,7 @@ into README's table (--epochs N: both sides train N epochs, the schedule fitted 
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import sys
 from collections import OrderedDict
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     out = fc.resolve(args.out)
     num_classes = len(fc.make_datasets(cfg)[0].class_names)
     results = {}
+    load_at_start = round(os.getloadavg()[0], 2)   # timings for the record want a quiet machine
     for name, model in (("ours", None), ("torchvision", "tv")):
         torch.manual_seed(cfg.seed)  # the same initial weights on both sides
         model = torchvision_detector(cfg, num_classes) if model == "tv" else None
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     from tools.results_table import machine
     command = "python bench/train_side_by_side.py --profile " + args.profile + (f" --epochs {args.epochs}" if args.epochs else "")
     summary = {**results, "epochs": cfg.epochs, "profile": args.profile, "command": command,
-               "date": datetime.date.today().isoformat(), "machine": machine(),
+               "date": datetime.date.today().isoformat(), "machine": machine(), "load_at_start": load_at_start,
                "config": json.loads(json.dumps(asdict(cfg))),
                "profile_config": json.loads(json.dumps(asdict(profile_cfg)))}
     print(json.dumps(summary))

@@ -124,7 +124,11 @@ def render_side_by_side(result: dict) -> str:
         "",
         *ap_table("detector", {label: result[key] for key, label in names.items()}),
         "",
-        f"Command: `{result['command']}`.",
+        f"Command: `{result['command']}`." + (
+            f" Load average when it started: {result['load_at_start']:.2f}"
+            + (" (a quiet machine)." if result["load_at_start"] < 0.5 else
+               " (not a quiet machine: the times are not for the record)." )
+            if "load_at_start" in result else ""),
         fingerprint_line(),
     ]
     return "\n".join(lines) + "\n"
