@@ -187,7 +187,7 @@ def test_best_pt_holds_the_best_epoch(tmp_path, monkeypatch):
     aps = iter([0.2, 0.5, 0.4])
     monkeypatch.setattr(fc, "evaluate_model", lambda *a, **k: {key: next(aps) if key == "AP" else 0.0
                                                                for key in fc.COCO_METRIC_KEYS})
-    fc.train(replace(SMOKE, epochs=3), out_dir=tmp_path, progress=False)
+    fc.train(replace(SMOKE, epochs=3, max_train_images=8), out_dir=tmp_path, progress=False)
     best = torch.load(tmp_path / "best.pt", weights_only=False)
     assert best["epoch"] == 2 and best["best_ap"] == 0.5
     assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 3
