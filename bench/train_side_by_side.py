@@ -51,6 +51,11 @@ class RenamedLosses(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def roi_heads(self) -> nn.Module:
+        """The wrapped detector's second stage, where train_one_epoch looks for what it logs."""
+        return self.model.roi_heads
+
     def forward(self, images, targets=None):
         out = self.model(images, targets)
         return {self.names[k]: v for k, v in out.items()} if self.training else out

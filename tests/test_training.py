@@ -648,3 +648,24 @@ def test_relative_paths_follow_the_workspace(tmp_path, monkeypatch):
     assert fc.resolve(ROOT / "x") == ROOT / "x"
     monkeypatch.delenv("FRCNN_WORKSPACE")
     assert fc.resolve("runs/smoke") == ROOT / "runs" / "smoke"
+
+
+def test_the_side_by_sides_torchvision_detector_trains_in_our_loop():
+    """bench/train_side_by_side.py trains torchvision's detector with train_one_epoch: its wrapper
+    gives our loss names, and the loop's per-step log skips what torchvision's heads do not keep."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import train_side_by_side
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    torch.manual_seed(0)
+    train_set, _ = fc.make_datasets(SMOKE)
+    model = train_side_by_side.RenamedLosses(train_side_by_side.torchvision_detector(SMOKE, len(train_set.class_names)))
+    optimizer = fc.make_optimizer(SMOKE, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    history = {k: [] for k in ("step", "lr", "rpn_objectness", "rpn_box", "roi_classifier", "roi_box", "loss")}
+    loader = fc.make_data_loader(fc.subset(train_set, 4), batch_size=2, shuffle=False, num_workers=0)
+    fc.train_one_epoch(model, loader, optimizer, scheduler, device=torch.device("cpu"), history=history,
+                       clip_grad_norm=10.0, progress=False)
+    assert history["step"] == [0, 1] and "gt_share" not in history
+    assert all(len(history[k]) == 2 for k in history)

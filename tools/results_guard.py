@@ -46,7 +46,8 @@ NOTEBOOKS = ROOT / "notebooks"
 IMAGES = ROOT / "images"
 README = ROOT / "README.md"
 README_SECTIONS = {"results": "make run", "side_by_side": "make side-by-side",   # name -> what rewrites it
-                   "bench": "make bench"}
+                   "bench": "make bench", "deploy_bench": "make bench"}
+SPEED_SECTIONS = ("bench", "deploy_bench")      # both written by bench/benchmark.py
 BENCHMARK = ROOT / "bench" / "benchmark.py"    # what writes the "bench" section
 MANIFEST = "manifest.json"
 COMMITTED_PROFILE = "cpu"   # the profile of the committed figures and of README's results
@@ -123,7 +124,7 @@ def fingerprint(notebook: pathlib.Path, profile: str, parameters: dict | None = 
 
 def section_fingerprint(name: str) -> dict[str, str]:
     """What a generated README section's numbers depend on, as {component: hash}."""
-    if name == "bench":
+    if name in SPEED_SECTIONS:
         source = BENCHMARK.read_text()
         script = ast.unparse(_without_docstrings(ast.parse(source)))
         return {"bench": _digest({"script": script, "code": code_fingerprint(sorted(_module_names(source)))})}
@@ -188,7 +189,7 @@ def stale_figures(images_dir: pathlib.Path = IMAGES, notebooks_dir: pathlib.Path
 
 def fingerprint_line(name: str = "results") -> str:
     """The hidden last line of a generated README section: what its numbers were measured with."""
-    describes = "bench" if name == "bench" else f"profile {COMMITTED_PROFILE}"
+    describes = "bench" if name in SPEED_SECTIONS else f"profile {COMMITTED_PROFILE}"
     return f"<!-- describes: {describes}, fingerprint {json.dumps(section_fingerprint(name), sort_keys=True)} -->"
 
 
@@ -204,7 +205,7 @@ def stale_sections(readme: str) -> list[str]:
             problems.append(f"README.md's '{name}' section records no fingerprint; regenerate: {command}")
             continue
         old = json.loads(recorded.group(2))
-        expected = "bench" if name == "bench" else COMMITTED_PROFILE
+        expected = "bench" if name in SPEED_SECTIONS else COMMITTED_PROFILE
         why = [f"measured with PROFILE={recorded.group(1)}"] if recorded.group(1) != expected else []
         why += [WHAT[k].format(profile=COMMITTED_PROFILE) + " changed" for k in current if old.get(k) != current[k]]
         if why:
