@@ -202,6 +202,7 @@ def test_stale_readme_section_is_named():
     current = "<!-- begin results -->\nx\n" + line + "\n<!-- end results -->\n"
     side = "<!-- begin side_by_side -->\ny\n" + line + "\n<!-- end side_by_side -->\n"
     bench = "<!-- begin bench -->\nz\n" + results_guard.fingerprint_line("bench") + "\n<!-- end bench -->\n"
+    bench += "<!-- begin deploy_bench -->\nw\n" + results_guard.fingerprint_line("deploy_bench") + "\n<!-- end deploy_bench -->\n"
     assert results_guard.stale_sections(current + side + bench) == []
     recorded = results_guard.section_fingerprint("results")
     old = line.replace(json.dumps(recorded, sort_keys=True), json.dumps({**recorded, "profile": "0"}, sort_keys=True))
@@ -210,7 +211,8 @@ def test_stale_readme_section_is_named():
     assert results_guard.stale_sections(current + bench) == [
         "README.md's 'side_by_side' section records no fingerprint; regenerate: make side-by-side"]
     assert results_guard.stale_sections(current + side) == [
-        "README.md's 'bench' section records no fingerprint; regenerate: make bench"]
+        "README.md's 'bench' section records no fingerprint; regenerate: make bench",
+        "README.md's 'deploy_bench' section records no fingerprint; regenerate: make bench"]
 
 
 def test_side_by_side_section_is_written_from_its_json(tmp_path):
@@ -229,4 +231,5 @@ def test_side_by_side_section_is_written_from_its_json(tmp_path):
     assert "| torchvision's RPN and RoI heads | 0.250 |" in text and "(2 processes x 2 images a step), 3 epochs (the profile trains 10;" in text
     assert "Command: `python bench/train_side_by_side.py --profile cpu --epochs 3`." in text
     bench = "<!-- begin bench -->\n" + results_guard.fingerprint_line("bench") + "\n<!-- end bench -->\n"
+    bench += "<!-- begin deploy_bench -->\n" + results_guard.fingerprint_line("deploy_bench") + "\n<!-- end deploy_bench -->\n"
     assert results_guard.stale_sections(text.replace("side_by_side", "results") + text + bench) == []
