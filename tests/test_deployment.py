@@ -13,10 +13,7 @@ whose scores differ by less than that may trade places: detections are paired on
 (same label, closest box), not by rank.
 """
 import json
-import os
 import pathlib
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -26,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 import frcnn_common as fc
+from tests.helpers import random_torchvision_detector, run_cli
 
 pytest.importorskip("onnxruntime")
 
@@ -34,12 +32,6 @@ SMOKE = replace(fc.PROFILES["smoke"], num_workers=0, epochs=1)
 BOX_ATOL, SCORE_ATOL = 1e-2, 1e-4
 # never the export's 300x400: smaller and larger than the resize size, landscape and portrait
 SIZES = [(120, 200), (300, 170), (90, 60), (420, 560)]
-
-
-def run_cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "frcnn_common", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +46,8 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def from_torchvision(tmp_path_factory):
-    from torchvision.models.detection import fasterrcnn_resnet50_fpn
-    torch.manual_seed(0)
     sizes = dict(min_size=160, max_size=256)
-    ref = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, **sizes).eval()
-    with torch.no_grad():
-        predictor = ref.roi_heads.box_predictor
-        predictor.bbox_pred.weight.mul_(0.02)
-        predictor.bbox_pred.bias.mul_(0.02)
-        ref.rpn.head.bbox_pred.weight.mul_(0.1)
-        ref.rpn.head.bbox_pred.bias.mul_(0.1)
-        predictor.cls_score.bias[1] += 8.0  # class 1 confident enough to be detected
+    ref = random_torchvision_detector(**sizes)
     # a random model scores hundreds of boxes near 0.05: keep the confident ones, fewer than 100,
     # so that no detection sits at the cut of detections_per_img
     model = fc.FasterRCNN(91, backbone=fc.resnet_fpn_backbone(norm_layer=nn.BatchNorm2d), box_score_thresh=0.5,

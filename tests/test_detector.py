@@ -13,9 +13,9 @@ default 800/1333.
 import pytest
 import torch
 from torch import nn
-from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 import frcnn_common as fc
+from tests.helpers import random_torchvision_detector
 from tests.test_backbone import randomize_batchnorm_
 
 BOX_ATOL = 1e-3    # px, the arithmetic runs in torchvision's order
@@ -29,15 +29,7 @@ DETECTION_BOX_ATOL = 0.05
 @pytest.fixture(scope="module")
 def models(full_tests):
     sizes = dict(min_size=800, max_size=1333) if full_tests else dict(min_size=320, max_size=512)
-    torch.manual_seed(0)
-    ref = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, **sizes).eval()
-    with torch.no_grad():
-        predictor = ref.roi_heads.box_predictor
-        predictor.bbox_pred.weight.mul_(0.02)
-        predictor.bbox_pred.bias.mul_(0.02)
-        ref.rpn.head.bbox_pred.weight.mul_(0.1)
-        ref.rpn.head.bbox_pred.bias.mul_(0.1)
-        predictor.cls_score.bias[1] += 8.0  # class 1 confident enough to be detected
+    ref = random_torchvision_detector(**sizes)
     # Distinct BatchNorm statistics (torchvision's init is an identity): in eval mode ours folds
     # them into the convolutions, and a folding error must show.
     randomize_batchnorm_(ref)

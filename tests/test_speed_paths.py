@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 import frcnn_common as fc
+from tests.helpers import trained_scale_
 
 
 def random_boxes(n, size=100.0, generator=None, max_wh=40.0):
@@ -123,14 +124,7 @@ def detector():
             m.bias.copy_(0.05 * torch.randn(n, generator=g))
             m.running_mean.copy_(0.05 * torch.randn(n, generator=g))
             m.running_var.copy_(0.8 + 0.4 * torch.rand(n, generator=g))
-    with torch.no_grad():
-        predictor = model.roi_heads.box_predictor
-        predictor.bbox_pred.weight.mul_(0.02)
-        predictor.bbox_pred.bias.mul_(0.02)
-        model.rpn.head.bbox_pred.weight.mul_(0.1)
-        model.rpn.head.bbox_pred.bias.mul_(0.1)
-        predictor.cls_score.bias[1] += 8.0
-    return model.eval()
+    return trained_scale_(model).eval()
 
 
 def test_fused_detector_gives_the_same_detections(detector):

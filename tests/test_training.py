@@ -15,15 +15,10 @@ import torch
 import torch.multiprocessing as mp
 
 import frcnn_common as fc
+from tests.helpers import run_cli
 
 ROOT = pathlib.Path(fc.__file__).resolve().parent
 SMOKE = replace(fc.PROFILES["smoke"], num_workers=0)
-
-
-def run_cli(*args, timeout=600, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "frcnn_common", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
